@@ -1,0 +1,35 @@
+"""Attention of new queries over a layer of the dense KV cache.
+
+One function serves prefill (T new tokens) and decode (T = 1): which cache slots a query may
+read is given by `visible_len`, so the same code handles ragged batches and caches whose
+positions differ from their lengths (after compression).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Large finite negative, so a fully masked row never produces NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def cached_attention(
+    q: jax.Array,  # [B, T, Hq, D], RoPE applied
+    k: jax.Array,  # [B, Hkv, S, D]
+    v: jax.Array,  # [B, Hkv, S, D]
+    visible_len: jax.Array,  # int32 [B, T]: query (b, t) reads slots [0, visible_len[b, t])
+) -> jax.Array:  # [B, T, Hq, D]
+    """GQA softmax attention; logits and softmax in float32."""
+    batch, num_new, num_heads, head_dim = q.shape
+    num_kv_heads, max_len = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    q = q.reshape(batch, num_new, num_kv_heads, groups, head_dim)
+    scores = jnp.einsum("bthgd,bhsd->bhgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim ** -0.5)
+    slots = jnp.arange(max_len, dtype=jnp.int32)
+    visible = slots[None, None, :] < visible_len[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgts,bhsd->bthgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, num_new, num_heads, head_dim).astype(q.dtype)

@@ -1,0 +1,117 @@
+"""Llama-family decoder LMs (Llama, Qwen2, Qwen3) as Flax NNX modules.
+
+Attribute names follow Hugging Face's parameter names (`model.layers.3.self_attn.q_proj`), so
+loading is a name map. Differences between the families are config flags (q/k/v bias, q/k norm,
+tied embeddings), never inferred from one another.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvjax.config import ModelConfig
+from kvjax.models.attention import cached_attention
+from kvjax.models.layers import RMSNorm, apply_rope, rope_frequencies
+
+
+def _linear(n_in, n_out, *, bias, dtype, rngs):
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        hidden, head_dim = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _linear(hidden, cfg.num_heads * head_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = _linear(hidden, cfg.num_kv_heads * head_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = _linear(hidden, cfg.num_kv_heads * head_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = _linear(cfg.num_heads * head_dim, hidden, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps=cfg.rms_norm_eps, param_dtype=dtype)
+            self.k_norm = RMSNorm(head_dim, eps=cfg.rms_norm_eps, param_dtype=dtype)
+
+    def __call__(self, x, positions, cache_k, cache_v, layer: int, write_slots, visible_len):
+        """x [B, T, H]; positions, write_slots, visible_len int32 [B, T]; cache_* [L, B, Hkv, S, D].
+
+        Writes this chunk's K/V at `write_slots` (slot S = dropped, for padding), then attends.
+        """
+        cfg = self.cfg
+        batch, num_new, _ = x.shape
+        q = self.q_proj(x).reshape(batch, num_new, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(batch, num_new, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(batch, num_new, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq, scale = rope_frequencies(cfg.rope, cfg.head_dim)
+        q = apply_rope(q, positions, inv_freq, scale)
+        k = apply_rope(k, positions, inv_freq, scale)
+        rows = jnp.arange(batch)[:, None]
+        cache_k = cache_k.at[layer, rows, :, write_slots].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[layer, rows, :, write_slots].set(v.astype(cache_v.dtype), mode="drop")
+        out = cached_attention(q, cache_k[layer], cache_v[layer], visible_len)
+        return self.o_proj(out.reshape(batch, num_new, -1)), cache_k, cache_v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        hidden, inner = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(hidden, inner, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = _linear(hidden, inner, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = _linear(inner, hidden, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=dtype)
+
+    def __call__(self, x, positions, cache_k, cache_v, layer, write_slots, visible_len):
+        attn, cache_k, cache_v = self.self_attn(
+            self.input_layernorm(x), positions, cache_k, cache_v, layer, write_slots, visible_len)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache_k, cache_v
+
+
+class Backbone(nnx.Module):
+    """HF's `model.*`: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                      param_dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=dtype)
+
+
+class CausalLM(nnx.Module):
+    """Decoder LM reading and writing a dense KV cache. See `kvjax.steps` for the jitted steps."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] -> embeddings [B, T, H] (VLMs replace some rows before `__call__`)."""
+        return self.model.embed_tokens(tokens)
+
+    def __call__(self, embeds, positions, cache_k, cache_v, write_slots, visible_len):
+        """embeds [B, T, H] -> final hidden states [B, T, H] and the updated cache arrays."""
+        x = embeds
+        for layer, block in enumerate(self.model.layers):
+            x, cache_k, cache_v = block(x, positions, cache_k, cache_v, layer, write_slots, visible_len)
+        return self.model.norm(x), cache_k, cache_v
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., H] -> float32 logits [..., V]."""
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
