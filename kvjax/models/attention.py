@@ -20,16 +20,16 @@ def cached_attention(
     v: jax.Array,  # [B, Hkv, S, D]
     visible_len: jax.Array,  # int32 [B, T]: query (b, t) reads slots [0, visible_len[b, t])
 ) -> jax.Array:  # [B, T, Hq, D]
-    """GQA softmax attention; logits and softmax in float32."""
+    """GQA softmax attention. As in HF's eager attention, the two matmuls run in the input dtype
+    (accumulating in float32 on accelerators) and the mask and softmax in float32."""
     batch, num_new, num_heads, head_dim = q.shape
     num_kv_heads, max_len = k.shape[1], k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, num_new, num_kv_heads, groups, head_dim)
-    scores = jnp.einsum("bthgd,bhsd->bhgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
+    scores = jnp.einsum("bthgd,bhsd->bhgts", q, k).astype(jnp.float32) * (head_dim ** -0.5)
     slots = jnp.arange(max_len, dtype=jnp.int32)
     visible = slots[None, None, :] < visible_len[:, :, None]  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgts,bhsd->bthgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, num_new, num_heads, head_dim).astype(q.dtype)
+    out = jnp.einsum("bhgts,bhsd->bthgd", probs, v)
+    return out.reshape(batch, num_new, num_heads, head_dim)

@@ -99,6 +99,11 @@ class CausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
+    @property
+    def dtype(self):
+        """The parameter (and KV cache) dtype."""
+        return self.model.embed_tokens.embedding.get_value().dtype
+
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] -> embeddings [B, T, H] (VLMs replace some rows before `__call__`)."""
         return self.model.embed_tokens(tokens)

@@ -1,0 +1,184 @@
+"""`python -m kvjax.chat`: chat with a local Hugging Face model (or the built-in demo model).
+
+Answers stream to stdout; banners, timings and errors go to stderr. Errors a user can cause
+print one `error: ...` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from kvjax.errors import KVJaxError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other user error
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m kvjax.chat", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", help="Hugging Face model directory (default: the built-in demo model, "
+                                       "random weights)")
+    p.add_argument("--question", help="ask one question and exit (default: interactive when stdin is a "
+                                      "terminal, else read the question from stdin)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-tokens", type=_positive_int, default=2048,
+                   help="KV cache capacity in tokens (prompt + answer)")
+    p.add_argument("--time", action="store_true", help="print prefill time / TTFT and decode tokens/s")
+    p.add_argument("--quiet", action="store_true", help="print only the answer")
+    return p
+
+
+class ChatSession:
+    """Holds the split model and answers one conversation turn at a time.
+
+    Each turn prefills the whole conversation into a fresh cache: simple and always equal to what
+    the model would see in one pass (reusing the previous turns' cache is an optimisation for later).
+    """
+
+    def __init__(self, model, tokenizer, cfg, args):
+        import kvjax
+
+        self.kvjax, self.tokenizer, self.cfg, self.args = kvjax, tokenizer, cfg, args
+        self.parts = kvjax.split(model)
+        self.cache_dtype = model.dtype
+        self.sampling = kvjax.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        self.eos_ids = tuple(sorted(set(cfg.eos_token_ids) | (
+            {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
+        self.messages = [{"role": "system", "content": args.system}] if args.system else []
+        self.is_warm = set()
+
+    def _run(self, ids: list[int], max_new_tokens: int, on_prefill=None):
+        import numpy as np
+
+        from kvjax.prompts import bucket_len
+
+        tokens = np.zeros((1, bucket_len(len(ids))), np.int32)
+        tokens[0, :len(ids)] = ids
+        cache = self.kvjax.KVCache.for_model(self.cfg, 1, self.args.max_tokens, self.cache_dtype)
+        return self.kvjax.stream(self.parts, cache, tokens, np.array([len(ids)]),
+                                 max_new_tokens=max_new_tokens, sampling=self.sampling,
+                                 eos_ids=self.eos_ids, seed=self.args.seed, on_prefill=on_prefill)
+
+    def _warm_up(self, ids):
+        """Compile this prompt shape once before timing, so --time reports steady-state figures."""
+        from kvjax.prompts import bucket_len
+
+        if bucket_len(len(ids)) not in self.is_warm:
+            steps = self._run(ids, self.args.max_new_tokens)
+            for _, _ in zip(range(2), steps):
+                pass
+            steps.close()
+            self.is_warm.add(bucket_len(len(ids)))
+
+    def ask(self, question: str, out=sys.stdout) -> str:
+        from kvjax.prompts import encode_chat
+
+        self.messages.append({"role": "user", "content": question})
+        ids = encode_chat(self.tokenizer, self.messages)
+        if self.args.time:
+            self._warm_up(ids)
+        start = time.perf_counter()
+        marks = {}
+        steps = self._run(ids, self.args.max_new_tokens, on_prefill=lambda: marks.setdefault(
+            "prefill", time.perf_counter()))
+        generated, text = [], ""
+        for token, is_new in steps:
+            if not is_new[0]:
+                break
+            marks.setdefault("first", time.perf_counter())
+            if int(token[0]) in self.eos_ids:
+                break
+            generated.append(int(token[0]))
+            now = self.tokenizer.decode(generated, skip_special_tokens=True)
+            out.write(now[len(text):])
+            out.flush()
+            text = now
+        end = time.perf_counter()
+        out.write("\n")
+        self.messages.append({"role": "assistant", "content": text})
+        if self.args.time:
+            self._report(len(ids), len(generated), start, marks, end)
+        return text
+
+    def _report(self, num_prompt, num_generated, start, marks, end):
+        prefill_ms = (marks["prefill"] - start) * 1e3
+        ttft_ms = (marks.get("first", end) - start) * 1e3
+        decode_s = end - marks.get("first", end)
+        rate = (num_generated - 1) / decode_s if num_generated > 1 and decode_s > 0 else float("nan")
+        print(f"[time] prompt {num_prompt} tokens: prefill {prefill_ms:.1f} ms, TTFT {ttft_ms:.1f} ms; "
+              f"decode {num_generated} tokens at {rate:.1f} tokens/s", file=sys.stderr)
+
+
+def _load(args):
+    import kvjax
+    from kvjax import demo
+
+    model_dir = args.model_dir
+    if model_dir is None:
+        model_dir = demo.ensure_demo_checkpoint()
+        print(f"kvjax: no --model-dir given, using the built-in demo model in {model_dir}. "
+              "It has RANDOM weights: its answers are gibberish.", file=sys.stderr)
+    if not args.quiet:
+        print(f"kvjax: loading {model_dir} ...", file=sys.stderr)
+    return kvjax.load(model_dir, dtype=args.dtype)
+
+
+def run(args) -> int:
+    from kvjax.sampling import Sampling
+
+    Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validate flags early
+    question = args.question
+    interactive = question is None and sys.stdin.isatty()
+    if question is None and not interactive:
+        question = sys.stdin.read().strip()
+        if not question:
+            raise KVJaxError("no question: pass --question TEXT or pipe the question on stdin")
+    session = ChatSession(*_load(args), args)
+    if not interactive:
+        session.ask(question)
+        return 0
+    print("kvjax chat: type a message, empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        session.ask(line)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KVJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
