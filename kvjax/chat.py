@@ -141,7 +141,7 @@ def _load(args):
               "It has RANDOM weights: its answers are gibberish.", file=sys.stderr)
     if not args.quiet:
         print(f"kvjax: loading {model_dir} ...", file=sys.stderr)
-    return kvjax.load(model_dir, dtype=args.dtype)
+    return kvjax.load(model_dir, dtype=args.dtype, progress=not args.quiet)
 
 
 def run(args) -> int:

@@ -142,8 +142,9 @@ def fill_module(abstract: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]],
             want = expected[::-1] if transpose else expected
             raise CheckpointError(f"tensor {raw_name} in {source} has shape {tuple(array.shape)}, "
                                   f"expected {tuple(want)}; the checkpoint does not match its config.json")
-        value = jnp.asarray(array).astype(dtype)
-        values[path] = value.T if transpose else value
+        # Cast and transpose on the host (numpy + ml_dtypes): no per-shape compiles on the device.
+        host = np.ascontiguousarray((array.T if transpose else array).astype(jnp.dtype(dtype)))
+        values[path] = jax.device_put(host)
     missing = [p for p in leaves if p not in values]
     if missing:
         names = [".".join(map(str, p)).replace(".kernel", ".weight").replace(".embedding", ".weight")
@@ -168,8 +169,14 @@ def load_tokenizer(model_dir: pathlib.Path):
                               "the directory needs tokenizer.json or the model's tokenizer files")
 
 
-def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True):
-    """Load a Llama / Qwen2 / Qwen3 HF directory -> (model, tokenizer or None, ModelConfig)."""
+def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bool = False):
+    """Load a Llama / Qwen2 / Qwen3 HF directory -> (model, tokenizer or None, ModelConfig).
+
+    dtype: "auto" (the checkpoint's own), "float32", "bfloat16" or "float16".
+    progress: show a tqdm bar over the tensors (worth it for multi-GB checkpoints).
+    """
+    from tqdm import tqdm
+
     from kvjax.models.llama import CausalLM
 
     path, config = read_config_json(model_dir)
@@ -178,6 +185,7 @@ def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True):
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     # Tied checkpoints sometimes still carry lm_head.weight: the embedding is the head.
     rename = (lambda n: None if n == "lm_head.weight" else n) if cfg.tie_word_embeddings else (lambda n: n)
-    model = fill_module(abstract, iter_tensors(safetensors_files(path)), dtype=dtype, rename=rename,
-                        source=str(path))
+    tensors = tqdm(iter_tensors(safetensors_files(path)), desc="loading weights", unit=" tensors",
+                   disable=not progress, leave=False)
+    model = fill_module(abstract, tensors, dtype=dtype, rename=rename, source=str(path))
     return model, (load_tokenizer(path) if tokenizer else None), cfg
