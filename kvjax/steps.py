@@ -72,15 +72,20 @@ def _decode(graphdef, state, cache, tokens, active):
     return _forward(graphdef, state, cache, tokens[:, None], lengths, None, False)
 
 
+def _as_int32(x):
+    """Host inputs are cast by numpy: a device-side cast would compile once per input dtype."""
+    return x.astype(jnp.int32) if isinstance(x, jax.Array) else np.asarray(x, np.int32)
+
+
 def _prepare(cache: KVCache, tokens, lengths, embeds) -> tuple[jax.Array, jax.Array]:
     """Validate a prompt chunk on the host (prefill is rare enough to sync here)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = _as_int32(tokens)
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != cache.batch:
         raise KVJaxError(f"tokens must be [batch={cache.batch}, T], got shape {tuple(tokens.shape)}")
     num_new = tokens.shape[1]
-    lengths = np.full(cache.batch, num_new) if lengths is None else np.asarray(lengths)
+    lengths = np.full(cache.batch, num_new, np.int32) if lengths is None else np.asarray(lengths, np.int32)
     if lengths.shape != (cache.batch,) or lengths.min() < 0 or lengths.max() > num_new:
         raise KVJaxError(f"lengths must be [batch={cache.batch}] with values in [0, {num_new}], got {lengths}")
     needed = np.asarray(cache.kv_len) + lengths
@@ -91,7 +96,7 @@ def _prepare(cache: KVCache, tokens, lengths, embeds) -> tuple[jax.Array, jax.Ar
             f"cache holds {cache.max_len}; create a larger cache (chat: raise --max-tokens) or shorten the prompt")
     if embeds is not None and tuple(embeds.shape[:2]) != tuple(tokens.shape):
         raise KVJaxError(f"embeds must be [B, T, H] matching tokens {tuple(tokens.shape)}, got {embeds.shape}")
-    return tokens, jnp.asarray(lengths, jnp.int32)
+    return jnp.asarray(tokens), jnp.asarray(lengths)
 
 
 def prefill(model, cache: KVCache, tokens, lengths=None, embeds=None, *, all_logits: bool = False):
@@ -112,8 +117,11 @@ def decode_step(model, cache: KVCache, tokens, active=None):
     Rows with active=False (bool [B]) are computed but write nothing and do not advance.
     """
     parts = split(model)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
+    tokens = jnp.asarray(_as_int32(tokens))
+    if active is None:
+        active = np.ones(tokens.shape, bool)
+    elif not isinstance(active, jax.Array):  # device masks stay on the device (no sync)
+        active = np.asarray(active, bool)
     return _decode(parts.graphdef, parts.state, cache, tokens, active)
 
 
