@@ -186,6 +186,6 @@ def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bo
     # Tied checkpoints sometimes still carry lm_head.weight: the embedding is the head.
     rename = (lambda n: None if n == "lm_head.weight" else n) if cfg.tie_word_embeddings else (lambda n: n)
     tensors = tqdm(iter_tensors(safetensors_files(path)), desc="loading weights", unit=" tensors",
-                   disable=not progress, leave=False)
+                   disable=None if progress else True, leave=False)  # None: only on a terminal
     model = fill_module(abstract, tensors, dtype=dtype, rename=rename, source=str(path))
     return model, (load_tokenizer(path) if tokenizer else None), cfg
