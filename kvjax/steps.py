@@ -196,6 +196,8 @@ def generate(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_ne
 
     A row stops at one of eos_ids (default: the config's), after max_new_tokens, or when its
     cache is full. Compiled once per (batch, prompt length, max_new_tokens, sampling).
+    The returned cache holds each prompt and its generated tokens except the last one (which
+    was sampled but never fed back), so continuing a conversation starts by feeding that token.
     """
     parts = split(model)
     tokens, lengths = _prepare(cache, tokens, lengths, embeds)

@@ -91,3 +91,21 @@ def test_bad_input_exits_2_with_one_line(case, home, broken_dirs, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_multi_turn_session_keeps_the_conversation(home, monkeypatch):
+    import io
+
+    import kvjax
+    from kvjax.chat import ChatSession, build_parser
+    from kvjax.demo import ensure_demo_checkpoint
+
+    monkeypatch.setenv("KVJAX_HOME", str(home))
+    args = build_parser().parse_args(["--max-new-tokens", "6", "--system", "Be brief."])
+    session = ChatSession(*kvjax.load(ensure_demo_checkpoint(), dtype="float32"), args)
+    out = io.StringIO()
+    first = session.ask("What is a harbour?", out=out)
+    session.ask("And a library?", out=out)
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert session.messages[2]["content"] == first
+    assert out.getvalue().startswith(first)

@@ -203,3 +203,12 @@ def test_prompt_longer_than_cache_is_a_clear_error(tiny_llama):
     _, tokens, lens = ragged_batch()
     with pytest.raises(kvjax.KVJaxError, match="does not fit the KV cache.*--max-tokens"):
         kvjax.prefill(model, kvjax.KVCache.for_model(cfg, 3, 8), tokens, lens)
+
+
+def test_prefill_from_embeddings_equals_prefill_from_tokens(tiny_llama):
+    model, cfg = tiny_llama
+    _, tokens, lens = ragged_batch(seed=10)
+    from_tokens, _ = kvjax.prefill(model, kvjax.KVCache.for_model(cfg, 3, 32), tokens, lens)
+    embeds = model.embed(jnp.asarray(tokens))  # what a VLM edits before prefill
+    from_embeds, _ = kvjax.prefill(model, kvjax.KVCache.for_model(cfg, 3, 32), tokens, lens, embeds)
+    np.testing.assert_allclose(from_embeds, from_tokens, atol=1e-6)
