@@ -7,6 +7,7 @@ print one `error: ...` line and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -170,6 +171,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    # transformers advises installing PyTorch when it is absent; kvjax runs on JAX alone.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     try:
         return run(args)
