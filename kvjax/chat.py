@@ -117,6 +117,10 @@ class ChatSession:
             text = now
         end = time.perf_counter()
         out.write("\n")
+        # The last sampled token never enters the cache, hence the + 1.
+        if len(generated) < self.args.max_new_tokens and len(ids) + len(generated) >= self.args.max_tokens + 1:
+            print(f"kvjax: answer cut: the KV cache is full ({self.args.max_tokens} tokens); "
+                  "raise --max-tokens", file=sys.stderr)
         self.messages.append({"role": "assistant", "content": text})
         if self.args.time:
             self._report(len(ids), len(generated), start, marks, end)

@@ -109,3 +109,17 @@ def test_multi_turn_session_keeps_the_conversation(home, monkeypatch):
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert session.messages[2]["content"] == first
     assert out.getvalue().startswith(first)
+
+
+def test_answer_cut_by_a_full_cache_says_so(home, monkeypatch, capsys):
+    import io
+
+    import kvjax
+    from kvjax.chat import ChatSession, build_parser
+    from kvjax.demo import ensure_demo_checkpoint
+
+    monkeypatch.setenv("KVJAX_HOME", str(home))
+    args = build_parser().parse_args(["--max-new-tokens", "50", "--max-tokens", "20"])
+    session = ChatSession(*kvjax.load(ensure_demo_checkpoint(), dtype="float32"), args)
+    session.ask("hello", out=io.StringIO())
+    assert "KV cache is full (20 tokens); raise --max-tokens" in capsys.readouterr().err
