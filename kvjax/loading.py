@@ -7,6 +7,7 @@ so a 7B model never sits twice in host RAM) -> merge.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import warnings
@@ -159,6 +160,21 @@ def fill_module(abstract: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]],
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
+def with_generation_eos(cfg: ModelConfig, model_dir: pathlib.Path) -> ModelConfig:
+    """Add generation_config.json's EOS ids: chat models end turns with tokens config.json may
+    not list (Llama-3-Instruct's <|eot_id|>, Qwen's <|im_end|>)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return cfg
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or delete it")
+    extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *map(int, extra)]))
+    return dataclasses.replace(cfg, eos_token_ids=merged)
+
+
 def load_tokenizer(model_dir: pathlib.Path):
     import transformers
 
@@ -180,7 +196,7 @@ def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bo
     from kvjax.models.llama import CausalLM
 
     path, config = read_config_json(model_dir)
-    cfg = ModelConfig.from_hf_config(hf_config(path, config))
+    cfg = with_generation_eos(ModelConfig.from_hf_config(hf_config(path, config)), path)
     dtype = resolve_dtype(dtype, config)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     # Tied checkpoints sometimes still carry lm_head.weight: the embedding is the head.

@@ -90,3 +90,9 @@ def test_no_weights(llama_dir):
 def test_bad_dtype(llama_dir):
     with pytest.raises(kvjax.KVJaxError, match="unsupported dtype 'int8'"):
         kvjax.load(llama_dir, dtype="int8", tokenizer=False)
+
+
+def test_generation_config_eos_ids_are_added(llama_dir):
+    (llama_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 9]}))
+    _, _, cfg = kvjax.load(llama_dir, tokenizer=False)
+    assert cfg.eos_token_ids == (2, 7, 9)
