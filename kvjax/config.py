@@ -119,8 +119,8 @@ class ModelConfig:
                 f"unsupported architecture {', '.join(map(str, found))}; kvjax's text models support "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        if family == "qwen2" and getattr(hf, "use_sliding_window", False):
-            raise KVJaxError("Qwen2 with use_sliding_window=true is not supported; set it to false")
+        if getattr(hf, "use_sliding_window", False):
+            raise KVJaxError(f"{family} with use_sliding_window=true is not supported; set it to false")
         act = getattr(hf, "hidden_act", "silu")
         if act != "silu":
             raise KVJaxError(f"hidden_act {act!r} is not supported; Llama/Qwen use 'silu'")
