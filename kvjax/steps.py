@@ -163,15 +163,22 @@ def _start(cache, logits, rng, num_new) -> GenerationState:
                            step=jnp.zeros((), jnp.int32), rng=rng)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11), donate_argnums=(2,))
-def _generate(graphdef, state, cache, tokens, lengths, embeds, rng, max_new,
-              num_new, sampling, eos_ids, pad_id):
-    logits, cache = _forward(graphdef, state, cache, tokens, lengths, embeds, False)
+def _decode_loop(graphdef, state, cache, logits, rng, max_new, num_new, sampling, eos_ids, pad_id):
     gen = jax.lax.while_loop(
         lambda g: (g.step < num_new) & ~jnp.all(g.done),
         lambda g: _advance(graphdef, state, g, max_new, sampling, eos_ids, pad_id),
         _start(cache, logits, rng, num_new))
     return gen.tokens, gen.num_generated, gen.cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11), donate_argnums=(2,))
+def _generate(graphdef, state, cache, tokens, lengths, embeds, rng, max_new,
+              num_new, sampling, eos_ids, pad_id):
+    logits, cache = _forward(graphdef, state, cache, tokens, lengths, embeds, False)
+    return _decode_loop(graphdef, state, cache, logits, rng, max_new, num_new, sampling, eos_ids, pad_id)
+
+
+_generate_from = jax.jit(_decode_loop, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(2,))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6), donate_argnums=(2,))
@@ -207,13 +214,25 @@ def generate(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_ne
     return Generation(np.asarray(out), np.asarray(num), cache)
 
 
+def generate_from(model, cache: KVCache, logits, *, max_new_tokens: int, sampling: Sampling = GREEDY,
+                  eos_ids=None, seed: int = 0) -> Generation:
+    """Like `generate`, but starting from a cache that already holds the prompts (e.g. prefilled,
+    then compressed); logits float32 [B, V] are the prefill's, for the first token to sample."""
+    parts = split(model)
+    eos, pad_id, max_new, rng = _generation_args(parts, max_new_tokens, sampling, eos_ids, seed, cache.batch)
+    out, num, cache = _generate_from(parts.graphdef, parts.state, cache, logits, rng, max_new,
+                                     max_new_tokens, sampling, eos, pad_id)
+    return Generation(np.asarray(out), np.asarray(num), cache)
+
+
 def stream(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_new_tokens: int,
            sampling: Sampling = GREEDY, eos_ids=None, seed: int = 0,
-           on_prefill=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+           on_prefill=None, after_prefill=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Like `generate`, but yields (token [B], is_new [B]) per step so a CLI can print as it goes.
 
     Same sampling stream as `generate` for the same seed. `on_prefill()` is called once the prompt
-    is in the cache (for TTFT). The final cache is the generator's return value.
+    is in the cache (for TTFT); then `after_prefill(cache) -> cache` may change the cache (e.g.
+    compress it) before decoding. The final cache is the generator's return value.
     """
     parts = split(model)
     tokens, lengths = _prepare(cache, tokens, lengths, embeds)
@@ -222,6 +241,8 @@ def stream(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_new_
     if on_prefill is not None:
         jax.block_until_ready(logits)
         on_prefill()
+    if after_prefill is not None:
+        cache = after_prefill(cache)
     gen = _start(cache, logits, rng, max_new_tokens)
     done = np.zeros(cache.batch, bool)
     for step in range(max_new_tokens):
