@@ -188,6 +188,9 @@ def load_tokenizer(model_dir: pathlib.Path):
 def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bool = False):
     """Load a Llama / Qwen2 / Qwen3 HF directory -> (model, tokenizer or None, ModelConfig).
 
+    LLaVA-1.5 and MiniCPM-V directories (config.json model_type "llava" / "minicpmv") load
+    through `kvjax.vlm_loading` -> (VLM module, tokenizer or None, VLM config with `.text`).
+
     dtype: "auto" (the checkpoint's own), "float32", "bfloat16" or "float16".
     progress: show a tqdm bar over the tensors (worth it for multi-GB checkpoints).
     """
@@ -196,6 +199,10 @@ def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bo
     from kvjax.models.llama import CausalLM
 
     path, config = read_config_json(model_dir)
+    if config.get("model_type") in ("llava", "minicpmv"):
+        from kvjax.vlm_loading import load_vlm
+
+        return load_vlm(path, config, dtype, tokenizer=tokenizer, progress=progress)
     cfg = with_generation_eos(ModelConfig.from_hf_config(hf_config(path, config)), path)
     dtype = resolve_dtype(dtype, config)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
