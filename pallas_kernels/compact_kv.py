@@ -12,10 +12,16 @@ Hs in {1, H}: a plan shared by all layers or heads is passed once, not broadcast
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 
-from pallas_kernels._dispatch import kernel_mode
+from pallas_kernels import _compat
+from pallas_kernels._dispatch import fall_back, kernel_mode
 
 
 def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
@@ -41,12 +47,145 @@ def compact_kv_reference(k, v, src, new_len, new_k=None, new_v=None):
     return one(k, new_k), one(v, new_v)
 
 
-# compact_kv_pallas(k, v, src, new_len, new_k=None, new_v=None, *, interpret=False) goes here.
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompactBlocks:
+    """Tiling knobs. block_n: destination slots per step (a power of two dividing S, lowered to fit)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def unsupported_reason(head_dim: int) -> str | None:
+    """Why the Pallas kernel cannot take this shape (the dispatcher then uses the reference)."""
+    if not _compat.is_power_of_2(head_dim):
+        return f"head_dim {head_dim} is not a power of two"
+    return None
+
+
+def _gather(ref, index, mask, other):
+    """ref [R, D] rows `index` [n] -> [n, D]; lanes where mask [n] is False read nothing (give `other`)."""
+    shape = (index.shape[0], ref.shape[1])
+    # Both indices as full [n, D] arrays: the interpreter cannot mix an index array with a slice.
+    rows = jnp.broadcast_to(index[:, None], shape)
+    cols = lax.broadcasted_iota(jnp.int32, shape, 1)
+    return _compat.load(ref.at[rows, cols], mask=jnp.broadcast_to(mask[:, None], shape), other=other)
+
+
+def compact_rows(out_refs, new_refs, src_ref, num_live, *, block_n, max_len, interpret, new_rows=None):
+    """Rewrite slots [0, num_live) of each row in out_refs ([S, D] refs, read and written in place).
+
+    Slot j gets row src[j] of the same ref if src[j] < S, else vector src[j] - S: from new_refs
+    ([M, D] refs), or from `new_rows(c, slots, src, is_new)` -> one [block_n, D] f32 array per ref
+    (used by ccm_compress to compute them on the fly). Chunks go in ascending order and src[j] >= j,
+    so every read in chunk c is of a slot no earlier chunk has written; the barrier orders this
+    chunk's own reads before its writes."""
+
+    def chunk(c, carry):
+        start = pl.multiple_of(c * block_n, block_n)
+        slots = start + lax.broadcasted_iota(jnp.int32, (block_n,), 0)
+        live = slots < num_live
+        src = src_ref[pl.ds(start, block_n)]
+        is_old = src < max_len
+        old_index = jnp.where(live & is_old, src, slots)
+        computed = new_rows(c, slots, src, live & ~is_old) if new_rows else None
+        values = []
+        for i, out_ref in enumerate(out_refs):
+            zero = jnp.zeros((), out_ref.dtype)
+            old = _gather(out_ref, old_index, live & is_old, zero)
+            if computed is not None:
+                new = computed[i].astype(out_ref.dtype)
+            elif new_refs:
+                new_index = jnp.clip(src - max_len, 0, new_refs[i].shape[0] - 1)
+                new = _gather(new_refs[i], new_index, live & ~is_old, jnp.zeros((), new_refs[i].dtype))
+            else:
+                new = old
+            values.append(jnp.where(is_old[:, None], old, new.astype(out_ref.dtype)))
+        _compat.barrier(interpret)
+        live2d = jnp.broadcast_to(live[:, None], values[0].shape)
+        for out_ref, value in zip(out_refs, values):
+            _compat.store(out_ref.at[pl.ds(start, block_n)], value, mask=live2d)
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(num_live, block_n), chunk, 0)
+
+
+def _compact_kernel(new_len_ref, src_ref, *refs, block_n, max_len, num_dst, has_new, interpret):
+    """One (layer, sequence, head) row. new_len_ref []; src_ref [Np]; refs = k_in, v_in,
+    [new_k, new_v] ([M, D]), k_out, v_out ([S, D], aliased to k_in, v_in: only these are used)."""
+    k_ref, v_ref = refs[-2:]
+    new_refs = refs[2:4] if has_new else ()
+    num_live = jnp.minimum(new_len_ref[()], num_dst)
+    compact_rows((k_ref, v_ref), new_refs, src_ref, num_live, block_n=block_n, max_len=max_len,
+                 interpret=interpret)
+
+
+def compact_kv_pallas(
+    k: jax.Array,  # [L, B, H, S, D]
+    v: jax.Array,  # [L, B, H, S, D]
+    src: jax.Array,  # int32 [Ls, B, Hs, N], Ls in {1, L}, Hs in {1, H}, N <= S
+    new_len: jax.Array,  # int32 [B]
+    new_k: jax.Array | None = None,  # [L, B, H, M, D]
+    new_v: jax.Array | None = None,  # [L, B, H, M, D]
+    *,
+    block_n: int = 64,
+    interpret: bool = False,
+):
+    """In-place compaction (k, v aliased to the outputs): one program per (layer, sequence, head)
+    row walks its destination chunks in ascending order; rows past new_len are never touched."""
+    return _compact_kv_pallas(k, v, src, new_len, new_k, new_v, CompactBlocks(block_n), interpret)
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _compact_kv_pallas(k, v, src, new_len, new_k, new_v, blocks: CompactBlocks, interpret: bool):
+    num_layers, batch, num_heads, max_len, head_dim = k.shape
+    src_layers, src_batch, src_heads, num_dst = src.shape
+    if v.shape != k.shape or src_layers not in (1, num_layers) or src_heads not in (1, num_heads) \
+            or src_batch != batch or num_dst > max_len or new_len.shape != (batch,):
+        raise ValueError(f"compact_kv: src {src.shape} / new_len {new_len.shape} do not fit k {k.shape}")
+    has_new = new_k is not None
+    if has_new != (new_v is not None) or has_new and (new_k.shape != new_v.shape or new_k.shape[:3]
+                                                       != k.shape[:3] or new_k.shape[4] != head_dim):
+        raise ValueError("compact_kv: new_k and new_v must both be given, shaped [L, B, H, M, D]")
+    reason = unsupported_reason(head_dim)
+    if reason:
+        raise ValueError(f"compact_kv_pallas: {reason}; use compact_kv (falls back)")
+    _compat.quiet_triton_deprecation()
+    block_n = _compat.largest_power_of_2_dividing(max_len, blocks.block_n)
+    padded = pl.cdiv(num_dst, block_n) * block_n  # <= S because block_n divides S
+    src = jnp.pad(src.astype(jnp.int32), ((0, 0), (0, 0), (0, 0), (0, padded - num_dst)))
+
+    def src_index(l, b, h):
+        return (l if src_layers > 1 else 0, b, h if src_heads > 1 else 0, 0)
+
+    row = pl.BlockSpec((None, None, None, max_len, head_dim), lambda l, b, h: (l, b, h, 0, 0))
+    in_specs = [pl.BlockSpec((None,), lambda l, b, h: (b,)),
+                pl.BlockSpec((None, None, None, padded), src_index), row, row]
+    args = [new_len.astype(jnp.int32), src, k, v]
+    if has_new:
+        new_row = pl.BlockSpec((None, None, None, new_k.shape[3], head_dim), lambda l, b, h: (l, b, h, 0, 0))
+        in_specs += [new_row, new_row]
+        args += [new_k, new_v]
+    kernel = functools.partial(_compact_kernel, block_n=block_n, max_len=max_len, num_dst=num_dst,
+                               has_new=has_new, interpret=interpret)
+    return pl.pallas_call(
+        kernel,
+        grid=(num_layers, batch, num_heads),
+        in_specs=in_specs,
+        out_specs=[row, row],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        input_output_aliases={2: 0, 3: 1},
+        compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="kvjax_compact_kv",
+    )(*args)
 
 
 def compact_kv(k, v, src, new_len, new_k=None, new_v=None, *, mode: str | None = None):
     """Dispatcher: Pallas on GPU, the reference on CPU; `mode` or $KVJAX_KERNELS overrides."""
     mode = kernel_mode(mode)
+    if mode != "reference" and unsupported_reason(k.shape[-1]):
+        mode = fall_back("compact_kv", unsupported_reason(k.shape[-1]))
     if mode == "reference":
         return compact_kv_reference(k, v, src, new_len, new_k, new_v)
     return compact_kv_pallas(k, v, src, new_len, new_k, new_v, interpret=mode == "interpret")

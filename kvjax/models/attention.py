@@ -10,6 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._dispatch import kernel_mode
+from pallas_kernels.decode_attention import decode_attention
+
 # Large finite negative, so a fully masked row never produces NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -23,6 +26,9 @@ def cached_attention(
     """GQA softmax attention. As in HF's eager attention, the two matmuls run in the input dtype
     (accumulating in float32 on accelerators) and the mask and softmax in float32."""
     batch, num_new, num_heads, head_dim = q.shape
+    if num_new == 1 and kernel_mode() != "reference":
+        # Decode on GPU: the ragged split-K kernel reads only visible slots. CPU keeps the code below.
+        return decode_attention(q[:, 0], k, v, visible_len[:, 0])[:, None]
     num_kv_heads, max_len = k.shape[1], k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, num_new, num_kv_heads, groups, head_dim)

@@ -1,0 +1,191 @@
+"""decode_attention: one new query token per sequence against a ragged GQA KV cache.
+
+q [B, Hq, D] attends over slots [0, kv_len[b]) of k, v [B, Hkv, S, D]; query head i reads KV head
+i // (Hq // Hkv). Scores are q.k / sqrt(D) softmaxed in float32; kv_len 0 gives zeros. Slots at or
+past kv_len are never read by the kernel (and may hold anything, NaN included), so a compacted
+cache costs time in proportion to its kv_len, not to S.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+from pallas_kernels._dispatch import fall_back, kernel_mode
+
+# Large finite negative (never -inf), so masked scores and empty rows stay NaN-free.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MIN_DOT = 16  # Triton's smallest dot dimension
+_TARGET_PROGRAMS = 512  # enough (batch, head, split) programs to fill an H100/H200 a few times over
+
+
+def decode_attention_reference(
+    q: jax.Array,  # [B, Hq, D]
+    k: jax.Array,  # [B, Hkv, S, D]
+    v: jax.Array,  # [B, Hkv, S, D]
+    kv_len: jax.Array,  # int32 [B]: slots [0, kv_len) are attended
+) -> jax.Array:  # [B, Hq, D], q.dtype
+    """The definition: the matmuls in the input dtype, the softmax in float32 (as cached_attention)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, max_len = k.shape[1], k.shape[2]
+    qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    visible = jnp.arange(max_len, dtype=jnp.int32)[None, :] < kv_len[:, None]  # [B, S]
+    scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k).astype(jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    v = jnp.where(visible[:, None, :, None], v, jnp.zeros((), v.dtype))  # 0 * NaN padding would be NaN
+    out = jnp.einsum("bhgs,bhsd->bhgd", probs, v)
+    out = jnp.where((kv_len > 0)[:, None, None, None], out, jnp.zeros((), out.dtype))
+    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeAttentionBlocks:
+    """Tiling knobs. block_k: KV slots per inner step (a power of two >= 16 dividing S, lowered to
+    fit). num_splits: programs sharing one (sequence, KV head); None picks enough to fill the GPU."""
+
+    block_k: int = 64
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def unsupported_reason(q_shape, k_shape) -> str | None:
+    """Why the Pallas kernel cannot take these shapes (the dispatcher then uses the reference)."""
+    head_dim, max_len = q_shape[-1], k_shape[2]
+    if not _compat.is_power_of_2(head_dim) or head_dim < _MIN_DOT:
+        return f"head_dim {head_dim} is not a power of two >= {_MIN_DOT}"
+    if _compat.largest_power_of_2_dividing(max_len, 1 << 30) < _MIN_DOT:
+        return f"max_len {max_len} is not a multiple of {_MIN_DOT}"
+    return None
+
+
+def _decode_kernel(kv_len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k, num_splits, scale):
+    """One (sequence, KV head, split): all of the head's query rows over the split's share of blocks.
+
+    kv_len_ref []; q_ref [Hp, D]; k_ref, v_ref [S, D]; o_ref [Hp, D] f32 (unnormalised);
+    m_ref, l_ref [Hp] f32 (running max and softmax denominator, for the combine across splits)."""
+    split = pl.program_id(2)
+    kv_len = kv_len_ref[()]
+    num_blocks = pl.cdiv(kv_len, block_k)
+    # Splits divide the *valid* blocks, so a short sequence still spreads over all its programs.
+    per_split = pl.cdiv(num_blocks, num_splits)
+    first = split * per_split
+    last = jnp.minimum(first + per_split, num_blocks)
+    q = q_ref[...]
+    rows = q.shape[0]
+
+    def step(block, carry):
+        o, m, l = carry
+        start = pl.multiple_of(block * block_k, block_k)
+        valid = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < kv_len  # only the last block is partial
+        scores = _compat.dot(q, k_ref[pl.ds(start, block_k), :], trans_b=True) * scale  # [Hp, bk]
+        scores = jnp.where(valid[None, :], scores, MASK_VALUE)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.exp(scores - m_new[:, None])
+        v = v_ref[pl.ds(start, block_k), :]
+        v = jnp.where(valid[:, None], v, jnp.zeros((), v.dtype))
+        o = o * correction[:, None] + _compat.dot(p.astype(v.dtype), v)
+        return o, m_new, l * correction + p.sum(axis=1)
+
+    init = (jnp.zeros((rows, q.shape[1]), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, m, l = lax.fori_loop(first, last, step, init)  # an empty range leaves m = MASK, l = 0
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def decode_attention_pallas(
+    q: jax.Array,  # [B, Hq, D]
+    k: jax.Array,  # [B, Hkv, S, D]
+    v: jax.Array,  # [B, Hkv, S, D]
+    kv_len: jax.Array,  # int32 [B]
+    *,
+    block_k: int = 64,
+    num_splits: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [B, Hq, D], q.dtype
+    """Split-K flash decoding; one program per (sequence, KV head, split), the group's query heads
+    padded to >= 16 rows for the tensor-core dot, partial results merged by log-sum-exp."""
+    return _decode_attention_pallas(q, k, v, kv_len, DecodeAttentionBlocks(block_k, num_splits), interpret)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _decode_attention_pallas(q, k, v, kv_len, blocks: DecodeAttentionBlocks, interpret: bool):
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, max_len, _ = k.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"decode_attention: q {q.shape} does not fit k {k.shape} / v {v.shape}")
+    reason = unsupported_reason(q.shape, k.shape)
+    if reason:
+        raise ValueError(f"decode_attention_pallas: {reason}; use decode_attention (falls back)")
+    if not _compat.is_power_of_2(blocks.block_k) or blocks.block_k < _MIN_DOT:
+        raise ValueError(f"decode_attention_pallas: block_k must be a power of two >= 16, got {blocks.block_k}")
+    _compat.quiet_triton_deprecation()
+    block_k = _compat.largest_power_of_2_dividing(max_len, blocks.block_k)
+    num_splits = blocks.num_splits or min(max_len // block_k, 16,
+                                          pl.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads))
+    num_splits = max(1, min(num_splits, max_len // block_k))
+    group = num_heads // num_kv_heads
+    rows = max(_MIN_DOT, pl.next_power_of_2(group))
+    qg = q.reshape(batch, num_kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+
+    grid = (batch, num_kv_heads, num_splits)
+    kv_spec = pl.BlockSpec((None, None, max_len, head_dim), lambda b, h, s: (b, h, 0, 0))
+    stat_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))
+    stat_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32)
+    kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
+                               scale=head_dim ** -0.5)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None,), lambda b, h, s: (b,)),
+            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            kv_spec,
+            kv_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            stat_spec,
+            stat_spec,
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
+            stat_shape,
+            stat_shape,
+        ],
+        compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="kvjax_decode_attention",
+    )(kv_len.astype(jnp.int32), qg, k, v)
+
+    # Log-sum-exp merge of the splits; an empty split has l = 0 and weight exp(MASK - max) = 0.
+    m_max = m.max(axis=2, keepdims=True)
+    weight = jnp.exp(m - m_max)  # [B, Hkv, ns, Hp]
+    denom = (l * weight).sum(axis=2)
+    out = (o * weight[..., None]).sum(axis=2)
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # kv_len 0: every split empty -> zeros
+    return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+def decode_attention(q, k, v, kv_len, *, mode: str | None = None):
+    """Dispatcher: Pallas on GPU, the reference on CPU; `mode` or $KVJAX_KERNELS overrides, and
+    shapes the kernel cannot take use the reference with a one-time warning."""
+    mode = kernel_mode(mode)
+    if mode != "reference":
+        reason = unsupported_reason(q.shape, k.shape)
+        if reason:
+            mode = fall_back("decode_attention", reason)
+    if mode == "reference":
+        return decode_attention_reference(q, k, v, kv_len)
+    return decode_attention_pallas(q, k, v, kv_len, interpret=mode == "interpret")
