@@ -237,6 +237,21 @@ def write_checkpoint(out_dir, arch: str = "llama", *, like: str | None = None,
         raise KVJaxError(f"vocab_size {cfg.vocab_size} is smaller than the demo tokenizer's "
                          f"{len(tok)} tokens; pass vocab_size >= {len(tok)}")
 
+    def write_files(tmp: Path) -> None:
+        tok.save_pretrained(tmp)
+        _write_weights(tmp, _tensor_specs(arch, cfg), _DTYPES[dtype], seed, init_std,
+                       max_shard_bytes)
+        cfg.save_pretrained(tmp)
+
+    return write_atomically(out_dir, write_files, overwrite=overwrite)
+
+
+def write_atomically(out_dir, write_files, *, overwrite: bool = False) -> Path:
+    """Run write_files(tmp) in a temporary sibling directory, then rename it to `out_dir`.
+
+    A crash never leaves a directory that looks complete; a non-empty `out_dir` is an error
+    unless overwrite=True.
+    """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise KVJaxError(f"{out} exists and is not empty; choose another directory "
@@ -245,10 +260,7 @@ def write_checkpoint(out_dir, arch: str = "llama", *, like: str | None = None,
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would survive the rename
     try:
-        tok.save_pretrained(tmp)
-        _write_weights(tmp, _tensor_specs(arch, cfg), _DTYPES[dtype], seed, init_std,
-                       max_shard_bytes)
-        cfg.save_pretrained(tmp)
+        write_files(tmp)
         for f in tmp.iterdir():  # safetensors creates files 0600; give them the umask's mode
             f.chmod(tmp.stat().st_mode & 0o666)
         if out.exists():

@@ -2,6 +2,8 @@
 
     python scripts/make_demo_checkpoint.py --out /tmp/tiny-qwen3 --arch qwen3
     python scripts/make_demo_checkpoint.py --out /tmp/llava-lm --like llama-2-7b --dtype bfloat16
+    python scripts/make_demo_checkpoint.py --out /tmp/tiny-llava --arch llava      (VLMs: llava,
+        minicpmv tiny; --like llava-1.5-7b, minicpm-v-2.6 real shapes; size flags do not apply)
 """
 
 import argparse
@@ -14,7 +16,7 @@ except ImportError:  # run from a checkout without installing
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvjax import demo
+from kvjax import demo, demo_vlm
 from kvjax.errors import KVJaxError
 
 # flag -> config.json field; only flags given on the command line override the preset
@@ -29,8 +31,8 @@ _FIELDS = {
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
-    p.add_argument("--arch", default="llama", help="llama, qwen2 or qwen3 (tiny preset)")
-    p.add_argument("--like", help=f"real model shape: {', '.join(demo.LIKE_PRESETS)}")
+    p.add_argument("--arch", default="llama", help="llama, qwen2, qwen3, llava or minicpmv (tiny preset)")
+    p.add_argument("--like", help=f"real model shape: {', '.join([*demo.LIKE_PRESETS, *demo_vlm.LIKE])}")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -40,9 +42,16 @@ def main(argv=None) -> int:
     p.add_argument("--tie-word-embeddings", action="store_true", default=None)
     args = p.parse_args(argv)
     overrides = {_FIELDS[k]: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
+    vlm = args.like if args.like in demo_vlm.VLM_PRESETS else args.arch
     try:
-        out = demo.write_checkpoint(args.out, args.arch, like=args.like, dtype=args.dtype,
-                                    seed=args.seed, overwrite=args.overwrite, **overrides)
+        if vlm in demo_vlm.VLM_PRESETS:
+            if overrides:
+                raise KVJaxError(f"size flags do not apply to the VLM preset {vlm!r}")
+            out = demo_vlm.write_vlm_checkpoint(args.out, vlm, dtype=args.dtype, seed=args.seed,
+                                                overwrite=args.overwrite)
+        else:
+            out = demo.write_checkpoint(args.out, args.arch, like=args.like, dtype=args.dtype,
+                                        seed=args.seed, overwrite=args.overwrite, **overrides)
     except KVJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 loaded from every checkpoint key layout; image_len and batching of (image, question) pairs."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -115,3 +116,39 @@ def test_loader_reports_missing_tensor(llava, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(kvjax.KVJaxError, match="select_strategy"):
         kvjax.load(path, dtype="float32", tokenizer=False)
+
+
+def test_demo_checkpoint_matches_transformers_and_batches_pairs(tmp_path):
+    """The `--demo llava` checkpoint loads in transformers too; a batch of (image, question)
+    pairs of different lengths in one prefill equals each pair alone."""
+    import transformers
+
+    from kvjax.demo_vlm import write_vlm_checkpoint
+    from kvjax.images import clip_pixel_values, load_clip_processor
+    from kvjax.multimodal import build_llava_prompts
+
+    path = write_vlm_checkpoint(tmp_path / "demo", "llava", init_std=0.1)
+    model, tok, cfg = kvjax.load(path, dtype="float32")
+    pixels = clip_pixel_values([pathlib.Path(__file__).parents[2] / "assets" / "sample.png"],
+                               load_clip_processor(path), cfg.vision.image_size)
+    noise = np.random.default_rng(0).standard_normal(pixels.shape[1:]).astype(np.float32)
+    questions = ["What is in the picture?", "Describe the boat, the sea and the lighthouse in detail."]
+    batch = build_llava_prompts(model, tok, questions, [pixels[0], noise])
+    ids = tok("USER: <image>\nWhat is in the picture? ASSISTANT:")["input_ids"]
+    start = ids.index(cfg.image_token_id)
+    np.testing.assert_array_equal(batch.image_len, [start + cfg.num_image_tokens] * 2)
+    np.testing.assert_array_equal(batch.tokens[0, :start], ids[:start])  # BOS + "USER: " before the image
+    lm = model.language_model
+    logits, _ = kvjax.prefill(lm, kvjax.KVCache.for_model(cfg.text, 2, 128), batch.tokens, batch.lengths,
+                              embeds=batch.embeds)
+    torch_model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    for b, px in enumerate([pixels[0], noise]):
+        one = build_llava_prompts(model, tok, questions[b:b + 1], [px])
+        alone, _ = kvjax.prefill(lm, kvjax.KVCache.for_model(cfg.text, 1, 128), one.tokens, one.lengths,
+                                 embeds=one.embeds)
+        np.testing.assert_allclose(np.asarray(logits)[b], np.asarray(alone)[0], atol=1e-5, rtol=0)
+        n = int(one.lengths[0])
+        with torch.no_grad():
+            expected = torch_model(input_ids=torch.tensor(one.tokens[:, :n], dtype=torch.long),
+                                   pixel_values=torch.from_numpy(px[None])).logits[0, -1].numpy()
+        np.testing.assert_allclose(np.asarray(alone)[0], expected, atol=1e-4, rtol=0)
