@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="ask one question and exit (default: interactive when stdin is a "
                                       "terminal, else read the question from stdin)")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--image", help="image file for a LLaVA or MiniCPM-V model (placed in the first user turn)")
+    p.add_argument("--demo", choices=["llama", "llava", "minicpmv"],
+                   help="use a built-in tiny random-weight model of this family (written offline on first use)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -61,6 +64,13 @@ class ChatSession:
         import kvjax
 
         self.kvjax, self.tokenizer, self.cfg, self.args = kvjax, tokenizer, cfg, args
+        from kvjax.vlm_chat import vision_prompter
+
+        # VLMs: the loop runs the language model; `vision` builds the prompt ids and embeddings.
+        self.vision = vision_prompter(model, tokenizer, cfg, args.model_dir, getattr(args, "image", None))
+        if self.vision is not None:
+            model, cfg = model.language_model, cfg.text
+            self.cfg = cfg
         self.parts = kvjax.split(model)
         self.cache_dtype = model.dtype
         self.sampling = kvjax.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -76,8 +86,9 @@ class ChatSession:
 
         tokens = np.zeros((1, bucket_len(len(ids))), np.int32)
         tokens[0, :len(ids)] = ids
+        embeds = None if self.vision is None else self.vision.embed(tokens)
         cache = self.kvjax.KVCache.for_model(self.cfg, 1, self.args.max_tokens, self.cache_dtype)
-        return self.kvjax.stream(self.parts, cache, tokens, np.array([len(ids)]),
+        return self.kvjax.stream(self.parts, cache, tokens, np.array([len(ids)]), embeds=embeds,
                                  max_new_tokens=max_new_tokens, sampling=self.sampling,
                                  eos_ids=self.eos_ids, seed=self.args.seed, on_prefill=on_prefill)
 
@@ -96,7 +107,10 @@ class ChatSession:
         from kvjax.prompts import encode_chat
 
         self.messages.append({"role": "user", "content": question})
-        ids = encode_chat(self.tokenizer, self.messages)
+        if self.vision is None:
+            ids = encode_chat(self.tokenizer, self.messages)
+        else:
+            ids = self.vision.encode(self.messages)
         if self.args.time:
             self._warm_up(ids)
         start = time.perf_counter()
@@ -140,10 +154,18 @@ def _load(args):
     from kvjax import demo
 
     model_dir = args.model_dir
+    if model_dir is not None and args.demo:
+        raise KVJaxError("pass either --model-dir or --demo, not both")
     if model_dir is None:
-        model_dir = demo.ensure_demo_checkpoint()
+        if args.demo in ("llava", "minicpmv"):
+            from kvjax.demo_vlm import ensure_demo_vlm
+
+            model_dir = ensure_demo_vlm(args.demo)
+        else:
+            model_dir = demo.ensure_demo_checkpoint()
         print(f"kvjax: no --model-dir given, using the built-in demo model in {model_dir}. "
               "It has RANDOM weights: its answers are gibberish.", file=sys.stderr)
+        args.model_dir = str(model_dir)  # image chat reads the image processor settings there
     if not args.quiet:
         print(f"kvjax: loading {model_dir} ...", file=sys.stderr)
     return kvjax.load(model_dir, dtype=args.dtype, progress=not args.quiet)
@@ -153,6 +175,10 @@ def run(args) -> int:
     from kvjax.sampling import Sampling
 
     Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validate flags early
+    if args.image is not None:  # a bad image fails before a long model load
+        from kvjax.images import open_image
+
+        open_image(args.image)
     question = args.question
     interactive = question is None and sys.stdin.isatty()
     if question is None and not interactive:
