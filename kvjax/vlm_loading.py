@@ -101,7 +101,10 @@ def load_llava(path: pathlib.Path, config: dict, dtype, *, progress: bool = Fals
 
 def load_minicpmv(path: pathlib.Path, config: dict, dtype, *, progress: bool = False):
     """-> (MiniCPMV, MiniCPMVConfig). config.json is read as data; no remote code runs."""
-    from kvjax.models.minicpmv import MiniCPMV, MiniCPMVConfig, minicpmv_rename
+    try:
+        from kvjax.models.minicpmv import MiniCPMV, MiniCPMVConfig, minicpmv_rename
+    except ImportError:  # the SigLIP tower is in; the resampler/LM assembly is not yet
+        raise KVJaxError(f"{path}: MiniCPM-V checkpoints are not supported yet (only LLaVA-1.5 is)")
 
     cfg = MiniCPMVConfig.from_config_json(config)
     cfg = dataclasses.replace(cfg, text=with_generation_eos(cfg.text, path))
