@@ -12,13 +12,18 @@ new length is returned; slots past it are left as they were.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 
-from pallas_kernels._dispatch import kernel_mode
-from pallas_kernels.compact_kv import compact_kv_reference
+from pallas_kernels import _compat
+from pallas_kernels._dispatch import fall_back, kernel_mode
+from pallas_kernels.compact_kv import compact_kv_reference, compact_rows, load_rows
 
 
 class GroupMLP(NamedTuple):
@@ -127,14 +132,138 @@ def ccm_compress_reference(k, v, kv_len, image_len, weights: CCMWeights, *, cf: 
     return k, v, plan.new_len
 
 
-# ccm_compress_pallas(k, v, kv_len, image_len, weights, *, cf, min_seq_len, interpret=False) goes here.
+@dataclasses.dataclass(frozen=True, slots=True)
+class CCMBlocks:
+    """Tiling knobs. block_n: output slots per step, i.e. the rows of each MLP matmul (a power of
+    two >= 16 dividing S, lowered to fit)."""
+
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def unsupported_reason(k_shape) -> str | None:
+    """Why the Pallas kernel cannot take this cache shape (the dispatcher then uses the reference)."""
+    max_len, head_dim = k_shape[3], k_shape[4]
+    if not _compat.is_power_of_2(head_dim) or head_dim < 16:
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    if _compat.largest_power_of_2_dividing(max_len, 1 << 30) < 16:
+        return f"max_len {max_len} is not a multiple of 16"
+    return None
+
+
+def _mlp(refs, tokens):
+    """One group MLP on a chunk: refs = w1 [cf, D, D], b1 [D], w2, b2, w3, b3 (one layer's slices);
+    tokens = cf arrays [n, D] (token t of each group) -> [n, D] f32. Splitting w1 by token keeps
+    every matmul a power of two wide, whatever cf is."""
+    w1, b1, w2, b2, w3, b3 = refs
+    dtype = w1.dtype
+    h = b1[...].astype(jnp.float32)[None, :]
+    for t, x in enumerate(tokens):
+        h = h + _compat.dot(x.astype(dtype), w1[t])
+    h = jax.nn.relu(h).astype(dtype)
+    h = jax.nn.relu(_compat.dot(h, w2[...]) + b2[...].astype(jnp.float32)[None, :]).astype(dtype)
+    return _compat.dot(h, w3[...]) + b3[...].astype(jnp.float32)[None, :]
+
+
+def _ccm_kernel(new_len_ref, src_ref, start_ref, is_image_ref, k_in, v_in, *refs, cf, block_n, max_len,
+                num_dst, has_image, interpret):
+    """One (layer, sequence, head) row. new_len_ref []; src_ref [Np]; start_ref, is_image_ref [G];
+    refs = the MLP weights (text k, text v[, image k, image v], 6 refs each), then k_out, v_out
+    [S, D] (aliased to k_in, v_in; only the outputs are read and written)."""
+    del k_in, v_in
+    k_ref, v_ref = refs[-2:]
+    mlps = [refs[6 * i:6 * i + 6] for i in range(4 if has_image else 2)]
+    num_groups = start_ref.shape[0]
+
+    def group_vectors(src, is_group):
+        def compute():
+            group = jnp.clip(src - max_len, 0, num_groups - 1)
+            start = start_ref[group]
+            is_image = (is_image_ref[group] != 0) & is_group
+            is_text = ~is_image & is_group
+            out = []
+            for cache, text, image in zip((k_ref, v_ref), mlps[:2], mlps[2:] or (None, None)):
+                tokens = [load_rows(cache, start + t, is_group, jnp.zeros((), cache.dtype)) for t in range(cf)]
+                zeros = jnp.zeros((block_n, cache.shape[1]), jnp.float32)
+                # Only chunks holding groups of a span kind pay for that kind's MLP.
+                vec = lax.cond(is_text.astype(jnp.int32).max() > 0, lambda: _mlp(text, tokens), lambda: zeros)
+                if image is not None:
+                    img = lax.cond(is_image.astype(jnp.int32).max() > 0, lambda: _mlp(image, tokens),
+                                   lambda: zeros)
+                    vec = jnp.where(is_image[:, None], img, vec)
+                out.append(vec)
+            return tuple(out)
+
+        zeros = tuple(jnp.zeros((block_n, r.shape[1]), jnp.float32) for r in (k_ref, v_ref))
+        return lax.cond(is_group.astype(jnp.int32).max() > 0, compute, lambda: zeros)
+
+    num_live = jnp.minimum(new_len_ref[()], num_dst)
+    compact_rows((k_ref, v_ref), (), src_ref, num_live, block_n=block_n, max_len=max_len,
+                 interpret=interpret, new_rows=group_vectors)
+
+
+def ccm_compress_pallas(k, v, kv_len, image_len, weights: CCMWeights, *, cf: int, min_seq_len: int,
+                        block_n: int = 32, interpret: bool = False):
+    """One pass per (layer, sequence, head) row, in place (k, v aliased to the outputs): walking the
+    output slots in ascending chunks, each chunk gathers its groups' tokens, runs the MLPs and
+    writes compressed vectors and moved leftovers. Every slot's sources lie at or after it."""
+    return _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, CCMBlocks(block_n), interpret)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, blocks: CCMBlocks, interpret):
+    num_layers, batch, num_heads, max_len, head_dim = k.shape
+    if v.shape != k.shape or kv_len.shape != (batch,) or image_len.shape != (batch,):
+        raise ValueError(f"ccm_compress: k {k.shape}, v {v.shape}, kv_len {kv_len.shape}, "
+                         f"image_len {image_len.shape} do not fit [L, B, H, S, D] / [B]")
+    if weights.text_k.w1.shape != (num_layers, cf * head_dim, head_dim):
+        raise ValueError(f"ccm_compress: w1 {weights.text_k.w1.shape} does not fit cf={cf}, D={head_dim}")
+    reason = unsupported_reason(k.shape)
+    if reason:
+        raise ValueError(f"ccm_compress_pallas: {reason}; use ccm_compress (falls back)")
+    _compat.quiet_triton_deprecation()
+    has_image = weights.image_k is not None
+    plan = ccm_plan(kv_len, image_len, max_len, cf, min_seq_len, has_image)
+    block_n = _compat.largest_power_of_2_dividing(max_len, max(blocks.block_n, 16))
+    num_dst = plan.src.shape[1]
+    padded = pl.cdiv(num_dst, block_n) * block_n  # <= S because block_n divides S
+    src = jnp.pad(plan.src, ((0, 0), (0, padded - num_dst)))
+    num_groups = plan.group_start.shape[1]
+
+    row = pl.BlockSpec((None, None, None, max_len, head_dim), lambda l, b, h: (l, b, h, 0, 0))
+    per_seq = lambda n: pl.BlockSpec((None, n), lambda l, b, h: (b, 0))  # noqa: E731
+    mlps = [weights.text_k, weights.text_v] + ([weights.image_k, weights.image_v] if has_image else [])
+    weight_args, weight_specs = [], []
+    for mlp in mlps:
+        w1 = mlp.w1.reshape(num_layers, cf, head_dim, head_dim)  # row t*D+d of w1 = token t, feature d
+        for w in (w1, mlp.b1, mlp.w2, mlp.b2, mlp.w3, mlp.b3):
+            weight_args.append(w)
+            weight_specs.append(pl.BlockSpec((None, *w.shape[1:]), lambda l, b, h, n=w.ndim - 1: (l,) + (0,) * n))
+    kernel = functools.partial(_ccm_kernel, cf=cf, block_n=block_n, max_len=max_len, num_dst=num_dst,
+                               has_image=has_image, interpret=interpret)
+    k, v = pl.pallas_call(
+        kernel,
+        grid=(num_layers, batch, num_heads),
+        in_specs=[pl.BlockSpec((None,), lambda l, b, h: (b,)), per_seq(padded), per_seq(num_groups),
+                  per_seq(num_groups), row, row, *weight_specs],
+        out_specs=[row, row],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        input_output_aliases={4: 0, 5: 1},
+        compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="kvjax_ccm_compress",
+    )(plan.new_len, src, plan.group_start, plan.group_is_image.astype(jnp.int32), k, v, *weight_args)
+    return k, v, plan.new_len
 
 
 def ccm_compress(k, v, kv_len, image_len, weights: CCMWeights, *, cf: int, min_seq_len: int,
                  mode: str | None = None):
     """Dispatcher (inference: no dropout): Pallas on GPU, the reference on CPU."""
     mode = kernel_mode(mode)
+    if mode != "reference" and unsupported_reason(k.shape):
+        mode = fall_back("ccm_compress", unsupported_reason(k.shape))
     if mode == "reference":
         return ccm_compress_reference(k, v, kv_len, image_len, weights, cf=cf, min_seq_len=min_seq_len)
-    return ccm_compress_pallas(k, v, kv_len, image_len, weights, cf=cf, min_seq_len=min_seq_len,  # noqa: F821
+    return ccm_compress_pallas(k, v, kv_len, image_len, weights, cf=cf, min_seq_len=min_seq_len,
                                interpret=mode == "interpret")

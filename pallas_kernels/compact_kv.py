@@ -63,7 +63,7 @@ def unsupported_reason(head_dim: int) -> str | None:
     return None
 
 
-def _gather(ref, index, mask, other):
+def load_rows(ref, index, mask, other):
     """ref [R, D] rows `index` [n] -> [n, D]; lanes where mask [n] is False read nothing (give `other`)."""
     shape = (index.shape[0], ref.shape[1])
     # Both indices as full [n, D] arrays: the interpreter cannot mix an index array with a slice.
@@ -76,7 +76,7 @@ def compact_rows(out_refs, new_refs, src_ref, num_live, *, block_n, max_len, int
     """Rewrite slots [0, num_live) of each row in out_refs ([S, D] refs, read and written in place).
 
     Slot j gets row src[j] of the same ref if src[j] < S, else vector src[j] - S: from new_refs
-    ([M, D] refs), or from `new_rows(c, slots, src, is_new)` -> one [block_n, D] f32 array per ref
+    ([M, D] refs), or from `new_rows(src, is_new)` -> one [block_n, D] f32 array per ref
     (used by ccm_compress to compute them on the fly). Chunks go in ascending order and src[j] >= j,
     so every read in chunk c is of a slot no earlier chunk has written; the barrier orders this
     chunk's own reads before its writes."""
@@ -88,16 +88,16 @@ def compact_rows(out_refs, new_refs, src_ref, num_live, *, block_n, max_len, int
         src = src_ref[pl.ds(start, block_n)]
         is_old = src < max_len
         old_index = jnp.where(live & is_old, src, slots)
-        computed = new_rows(c, slots, src, live & ~is_old) if new_rows else None
+        computed = new_rows(src, live & ~is_old) if new_rows else None
         values = []
         for i, out_ref in enumerate(out_refs):
             zero = jnp.zeros((), out_ref.dtype)
-            old = _gather(out_ref, old_index, live & is_old, zero)
+            old = load_rows(out_ref, old_index, live & is_old, zero)
             if computed is not None:
                 new = computed[i].astype(out_ref.dtype)
             elif new_refs:
                 new_index = jnp.clip(src - max_len, 0, new_refs[i].shape[0] - 1)
-                new = _gather(new_refs[i], new_index, live & ~is_old, jnp.zeros((), new_refs[i].dtype))
+                new = load_rows(new_refs[i], new_index, live & ~is_old, jnp.zeros((), new_refs[i].dtype))
             else:
                 new = old
             values.append(jnp.where(is_old[:, None], old, new.astype(out_ref.dtype)))
