@@ -20,14 +20,20 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(low: int):
+    """argparse type: an integer >= low, with a message that says so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "terminal, else read the question from stdin)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--image", help="image file for a LLaVA or MiniCPM-V model (placed in the first user turn)")
-    p.add_argument("--demo", choices=["llama", "llava", "minicpmv"],
+    p.add_argument("--demo", choices=["llama", "llava"],
                    help="use a built-in tiny random-weight model of this family (written offline on first use)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -50,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache capacity in tokens (prompt + answer)")
     p.add_argument("--time", action="store_true", help="print prefill time / TTFT and decode tokens/s")
     p.add_argument("--quiet", action="store_true", help="print only the answer")
+    g = p.add_argument_group("KV-cache compression (FastCache CCM)")
+    g.add_argument("--kv-compress", action="store_true", help="compress the prompt's KV cache after prefill")
+    g.add_argument("--kv-compress-ckpt", help="compressor checkpoint directory (implies --kv-compress; convert "
+                                              "FastCache .pth files with python -m kvjax.convert_fastcache); "
+                                              "default: an UNTRAINED random compressor")
+    g.add_argument("--kv-compress-factor", type=_positive_int,
+                   help="tokens merged into one (default 5, or the checkpoint's)")
+    g.add_argument("--kv-compress-min-seq-len", type=_non_negative_int,
+                   help="spans with fewer groups stay uncompressed (default 2, or the checkpoint's)")
+    g.add_argument("--kv-compress-image-len", type=_non_negative_int, default=0,
+                   help="image prefix of the cache; 0 = infer from the prompt (0 for text-only prompts)")
+    g.add_argument("--kv-compress-positions", choices=["original", "compressed"],
+                   help="RoPE positions after compression (default: the compressor's own convention)")
     return p
 
 
@@ -77,6 +96,8 @@ class ChatSession:
         self.eos_ids = tuple(sorted(set(cfg.eos_token_ids) | (
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
         self.messages = [{"role": "system", "content": args.system}] if args.system else []
+        self.compressor = _compressor(args, cfg, self.cache_dtype)
+        self.compress_stats = None  # (kv bytes before, after, kv_len after, seconds) of the last turn
         self.is_warm = set()
 
     def _run(self, ids: list[int], max_new_tokens: int, on_prefill=None):
@@ -90,7 +111,18 @@ class ChatSession:
         cache = self.kvjax.KVCache.for_model(self.cfg, 1, self.args.max_tokens, self.cache_dtype)
         return self.kvjax.stream(self.parts, cache, tokens, np.array([len(ids)]), embeds=embeds,
                                  max_new_tokens=max_new_tokens, sampling=self.sampling,
-                                 eos_ids=self.eos_ids, seed=self.args.seed, on_prefill=on_prefill)
+                                 eos_ids=self.eos_ids, seed=self.args.seed, on_prefill=on_prefill,
+                                 after_prefill=self._compress if self.compressor is not None else None)
+
+    def _compress(self, cache):
+        image_len = self.args.kv_compress_image_len or (self.vision.image_len if self.vision is not None else 0)
+        before = cache.used_bytes()
+        start = time.perf_counter()
+        cache = self.kvjax.compress(cache, self.compressor, [image_len],
+                                    rope_positions=self.args.kv_compress_positions)
+        after = cache.used_bytes()  # syncs, so the time below is the step's
+        self.compress_stats = (int(before[0]), int(after[0]), int(cache.kv_len[0]), time.perf_counter() - start)
+        return cache
 
     def _warm_up(self, ids):
         """Compile this prompt shape once before timing, so --time reports steady-state figures."""
@@ -132,7 +164,8 @@ class ChatSession:
         end = time.perf_counter()
         out.write("\n")
         # The last sampled token never enters the cache, hence the + 1.
-        if len(generated) < self.args.max_new_tokens and len(ids) + len(generated) >= self.args.max_tokens + 1:
+        in_cache = self.compress_stats[2] if self.compressor is not None else len(ids)
+        if len(generated) < self.args.max_new_tokens and in_cache + len(generated) >= self.args.max_tokens + 1:
             print(f"kvjax: answer cut: the KV cache is full ({self.args.max_tokens} tokens); "
                   "raise --max-tokens", file=sys.stderr)
         self.messages.append({"role": "assistant", "content": text})
@@ -147,6 +180,25 @@ class ChatSession:
         rate = (num_generated - 1) / decode_s if num_generated > 1 and decode_s > 0 else float("nan")
         print(f"[time] prompt {num_prompt} tokens: prefill {prefill_ms:.1f} ms, TTFT {ttft_ms:.1f} ms; "
               f"decode {num_generated} tokens at {rate:.1f} tokens/s", file=sys.stderr)
+        if self.compress_stats is not None:
+            before, after, kv_len, seconds = self.compress_stats
+            print(f"[time] KV cache {before / 1024:.1f} KiB -> {after / 1024:.1f} KiB ({num_prompt} -> {kv_len} "
+                  f"slots, {before / max(after, 1):.2f}x smaller); compress {seconds * 1e3:.1f} ms", file=sys.stderr)
+
+
+def _compressor(args, cfg, dtype):
+    """The CCM compressor the flags ask for, or None."""
+    if not (args.kv_compress or args.kv_compress_ckpt):
+        return None
+    from kvjax.compressor_checkpoint import compressor_for
+
+    if args.kv_compress_ckpt is None and not args.quiet:
+        print("kvjax: no --kv-compress-ckpt given: compressing with an UNTRAINED random compressor "
+              "(shows the mechanics; answers degrade)", file=sys.stderr)
+    import jax.numpy as jnp
+
+    return compressor_for(cfg, ckpt=args.kv_compress_ckpt, compression_factor=args.kv_compress_factor,
+                          min_seq_len=args.kv_compress_min_seq_len, dtype=jnp.dtype(dtype).name)
 
 
 def _load(args):

@@ -77,11 +77,18 @@ def read_compressor_config(path) -> tuple[pathlib.Path, dict]:
     return path, meta
 
 
-def load_compressor(path, model_cfg=None, *, dtype: str | None = None) -> CCMCompressor:
+RUNTIME_FIELDS = ("min_seq_len", "rope_positions", "dropout")  # safe to change without retraining shapes
+
+
+def load_compressor(path, model_cfg=None, *, dtype: str | None = None, **overrides) -> CCMCompressor:
     """Read a compressor checkpoint; with `model_cfg`, refuse one made for another model.
-    `dtype` ('float32', 'bfloat16', 'float16') casts the weights, e.g. to the model's dtype."""
+    `dtype` ('float32', 'bfloat16', 'float16') casts the weights, e.g. to the model's dtype;
+    `overrides` may set RUNTIME_FIELDS (None = keep the checkpoint's)."""
     path, meta = read_compressor_config(path)
-    cfg = CompressorConfig.from_dict({**meta["config"], **({"dtype": dtype} if dtype else {})})
+    if bad := sorted(set(overrides) - set(RUNTIME_FIELDS)):
+        raise KVJaxError(f"load_compressor cannot override {bad}; only {', '.join(RUNTIME_FIELDS)}")
+    changes = {k: v for k, v in dict(overrides, dtype=dtype).items() if v is not None}
+    cfg = CompressorConfig.from_dict({**meta["config"], **changes})
     if model_cfg is not None:
         cfg.check_against(model_cfg)
     compressor = build_compressor(cfg)
@@ -96,4 +103,20 @@ def load_compressor(path, model_cfg=None, *, dtype: str | None = None) -> CCMCom
                               f"({type(e).__name__}: {first_line}); re-create the checkpoint")
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a, t: jnp.asarray(a, t.dtype), restored, target))
     nnx.update(compressor, state)
+    return compressor
+
+
+def compressor_for(model_cfg, *, ckpt=None, compression_factor: int | None = None, min_seq_len: int | None = None,
+                   dtype: str = "float32") -> CCMCompressor:
+    """The compressor a CLI asked for: `ckpt` loaded (checked against the model, cast to `dtype`),
+    or, without one, an untrained random one (decoupled) of the model's shape."""
+    if ckpt is None:
+        return build_compressor(CompressorConfig(
+            num_layers=model_cfg.num_layers, num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
+            compression_factor=compression_factor or 5, min_seq_len=2 if min_seq_len is None else min_seq_len,
+            dtype=dtype))
+    compressor = load_compressor(ckpt, model_cfg, dtype=dtype, min_seq_len=min_seq_len)
+    if compression_factor is not None and compression_factor != compressor.cfg.compression_factor:
+        raise KVJaxError(f"--kv-compress-factor {compression_factor} does not match the checkpoint {ckpt}, whose "
+                         f"MLPs merge {compressor.cfg.compression_factor} tokens; drop the flag or use another checkpoint")
     return compressor
