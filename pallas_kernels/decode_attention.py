@@ -1,7 +1,8 @@
 """decode_attention: one new query token per sequence against a ragged GQA KV cache.
 
 q [B, Hq, D] attends over slots [0, kv_len[b]) of k, v [B, Hkv, S, D]; query head i reads KV head
-i // (Hq // Hkv). Scores are q.k / sqrt(D) softmaxed in float32; kv_len 0 gives zeros. Slots at or
+i // (Hq // Hkv). With `layer=l`, k and v are a whole cache [L, B, Hkv, S, D] and layer l is read
+in place: slicing it first would make XLA copy the layer before the kernel on every step. Scores are q.k / sqrt(D) softmaxed in float32; kv_len 0 gives zeros. Slots at or
 past kv_len are never read by the kernel (and may hold anything, NaN included), so a compacted
 cache costs time in proportion to its kv_len, not to S.
 """
@@ -30,8 +31,11 @@ def decode_attention_reference(
     k: jax.Array,  # [B, Hkv, S, D]
     v: jax.Array,  # [B, Hkv, S, D]
     kv_len: jax.Array,  # int32 [B]: slots [0, kv_len) are attended
+    layer: int | None = None,  # given: k, v are [L, B, Hkv, S, D]
 ) -> jax.Array:  # [B, Hq, D], q.dtype
     """The definition: the matmuls in the input dtype, the softmax in float32 (as cached_attention)."""
+    if layer is not None:
+        k, v = k[layer], v[layer]
     batch, num_heads, head_dim = q.shape
     num_kv_heads, max_len = k.shape[1], k.shape[2]
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -58,7 +62,7 @@ class DecodeAttentionBlocks:
 
 def unsupported_reason(q_shape, k_shape) -> str | None:
     """Why the Pallas kernel cannot take these shapes (the dispatcher then uses the reference)."""
-    head_dim, max_len = q_shape[-1], k_shape[2]
+    head_dim, max_len = q_shape[-1], k_shape[-2]
     if not _compat.is_power_of_2(head_dim) or head_dim < _MIN_DOT:
         return f"head_dim {head_dim} is not a power of two >= {_MIN_DOT}"
     if _compat.largest_power_of_2_dividing(max_len, 1 << 30) < _MIN_DOT:
@@ -108,6 +112,7 @@ def decode_attention_pallas(
     k: jax.Array,  # [B, Hkv, S, D]
     v: jax.Array,  # [B, Hkv, S, D]
     kv_len: jax.Array,  # int32 [B]
+    layer: int | None = None,  # given: k, v are [L, B, Hkv, S, D], layer read in place
     *,
     block_k: int = 64,
     num_splits: int | None = None,
@@ -115,14 +120,15 @@ def decode_attention_pallas(
 ) -> jax.Array:  # [B, Hq, D], q.dtype
     """Split-K flash decoding; one program per (sequence, KV head, split), the group's query heads
     padded to >= 16 rows for the tensor-core dot, partial results merged by log-sum-exp."""
-    return _decode_attention_pallas(q, k, v, kv_len, DecodeAttentionBlocks(block_k, num_splits), interpret)
+    return _decode_attention_pallas(q, k, v, kv_len, layer, DecodeAttentionBlocks(block_k, num_splits), interpret)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _decode_attention_pallas(q, k, v, kv_len, blocks: DecodeAttentionBlocks, interpret: bool):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _decode_attention_pallas(q, k, v, kv_len, layer, blocks: DecodeAttentionBlocks, interpret: bool):
     batch, num_heads, head_dim = q.shape
-    _, num_kv_heads, max_len, _ = k.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or num_heads % num_kv_heads:
+    num_kv_heads, max_len = k.shape[-3], k.shape[-2]
+    if (k.shape != v.shape or k.ndim != (4 if layer is None else 5) or k.shape[-4] != batch
+            or k.shape[-1] != head_dim or num_heads % num_kv_heads):
         raise ValueError(f"decode_attention: q {q.shape} does not fit k {k.shape} / v {v.shape}")
     reason = unsupported_reason(q.shape, k.shape)
     if reason:
@@ -140,7 +146,10 @@ def _decode_attention_pallas(q, k, v, kv_len, blocks: DecodeAttentionBlocks, int
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
 
     grid = (batch, num_kv_heads, num_splits)
-    kv_spec = pl.BlockSpec((None, None, max_len, head_dim), lambda b, h, s: (b, h, 0, 0))
+    if layer is None:
+        kv_spec = pl.BlockSpec((None, None, max_len, head_dim), lambda b, h, s: (b, h, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, None, None, max_len, head_dim), lambda b, h, s: (layer, b, h, 0, 0))
     stat_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))
     stat_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32)
     kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
@@ -178,7 +187,7 @@ def _decode_attention_pallas(q, k, v, kv_len, blocks: DecodeAttentionBlocks, int
     return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
-def decode_attention(q, k, v, kv_len, *, mode: str | None = None):
+def decode_attention(q, k, v, kv_len, layer: int | None = None, *, mode: str | None = None):
     """Dispatcher: Pallas on GPU, the reference on CPU; `mode` or $KVJAX_KERNELS overrides, and
     shapes the kernel cannot take use the reference with a one-time warning."""
     mode = kernel_mode(mode)
@@ -187,5 +196,5 @@ def decode_attention(q, k, v, kv_len, *, mode: str | None = None):
         if reason:
             mode = fall_back("decode_attention", reason)
     if mode == "reference":
-        return decode_attention_reference(q, k, v, kv_len)
-    return decode_attention_pallas(q, k, v, kv_len, interpret=mode == "interpret")
+        return decode_attention_reference(q, k, v, kv_len, layer)
+    return decode_attention_pallas(q, k, v, kv_len, layer, interpret=mode == "interpret")

@@ -19,16 +19,20 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 def cached_attention(
     q: jax.Array,  # [B, T, Hq, D], RoPE applied
-    k: jax.Array,  # [B, Hkv, S, D]
-    v: jax.Array,  # [B, Hkv, S, D]
+    k: jax.Array,  # [B, Hkv, S, D], or [L, B, Hkv, S, D] with `layer`
+    v: jax.Array,
     visible_len: jax.Array,  # int32 [B, T]: query (b, t) reads slots [0, visible_len[b, t])
+    layer: int | None = None,  # given: k, v are the whole cache [L, B, Hkv, S, D]
 ) -> jax.Array:  # [B, T, Hq, D]
     """GQA softmax attention. As in HF's eager attention, the two matmuls run in the input dtype
-    (accumulating in float32 on accelerators) and the mask and softmax in float32."""
+    (accumulating in float32 on accelerators) and the mask and softmax in float32.
+    Passing the whole cache with `layer` lets the decode kernel read the layer in place."""
     batch, num_new, num_heads, head_dim = q.shape
     if num_new == 1 and kernel_mode() != "reference":
         # Decode on GPU: the ragged split-K kernel reads only visible slots. CPU keeps the code below.
-        return decode_attention(q[:, 0], k, v, visible_len[:, 0])[:, None]
+        return decode_attention(q[:, 0], k, v, visible_len[:, 0], layer)[:, None]
+    if layer is not None:
+        k, v = k[layer], v[layer]
     num_kv_heads, max_len = k.shape[1], k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, num_new, num_kv_heads, groups, head_dim)

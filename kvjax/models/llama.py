@@ -50,7 +50,7 @@ class Attention(nnx.Module):
         rows = jnp.arange(batch)[:, None]
         cache_k = cache_k.at[layer, rows, :, write_slots].set(k.astype(cache_k.dtype), mode="drop")
         cache_v = cache_v.at[layer, rows, :, write_slots].set(v.astype(cache_v.dtype), mode="drop")
-        out = cached_attention(q, cache_k[layer], cache_v[layer], visible_len)
+        out = cached_attention(q, cache_k, cache_v, visible_len, layer)
         return self.o_proj(out.reshape(batch, num_new, -1)), cache_k, cache_v
 
 

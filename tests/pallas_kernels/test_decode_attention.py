@@ -88,3 +88,17 @@ def test_cached_attention_uses_the_kernel_for_decode(monkeypatch):
     expected = fast_jit(cached_attention)(q, k, v, visible)  # CPU default: the jnp path
     monkeypatch.setenv("KVJAX_KERNELS", "interpret")  # read at trace time, so trace anew
     assert_close(fast_jit(lambda *a: cached_attention(*a))(q, k, v, visible), expected, jnp.float32)
+
+
+def test_whole_cache_with_layer_reads_that_layer():
+    # Decode passes the whole [L, B, Hkv, S, D] cache and a static layer, so the kernel reads the
+    # layer in place; it must equal attention over that layer's slice. Other layers hold NaN.
+    rng = np.random.default_rng(11)
+    k, v = (normal(rng, (3, 2, 2, 64, 32)) for _ in range(2))
+    k[[0, 2]], v[[0, 2]] = np.nan, np.nan
+    q = jnp.asarray(normal(rng, (2, 4, 32)))
+    kv_len = jnp.asarray([40, 7], jnp.int32)
+    out = fast_jit(functools.partial(decode_attention_pallas, block_k=16, interpret=True), static_argnums=4)(
+        q, jnp.asarray(k), jnp.asarray(v), kv_len, 1)
+    assert_close(out, reference(q, jnp.asarray(k[1]), jnp.asarray(v[1]), kv_len), jnp.float32)
+    np.testing.assert_array_equal(decode_attention_reference(q, k, v, kv_len, 1), reference(q, k[1], v[1], kv_len))
