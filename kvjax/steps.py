@@ -43,8 +43,10 @@ def split(model) -> SplitModel:
     return SplitModel(graphdef, state, model.cfg)
 
 
-def _forward(graphdef, state, cache: KVCache, tokens, lengths, embeds, all_logits: bool):
-    """tokens int32 [B, T] (right-padded), lengths int32 [B] -> logits, cache with the chunk appended."""
+def forward_hidden(graphdef, state, cache: KVCache, tokens, lengths, embeds=None):
+    """Traceable core of prefill (use inside your own jit/grad, e.g. training): tokens int32 [B, T]
+    (right-padded), lengths int32 [B] -> (hidden [B, T, H] after the final norm, cache with the
+    chunk appended). Logits: `nnx.merge(graphdef, state).logits(hidden)`."""
     model = nnx.merge(graphdef, state)
     num_new = tokens.shape[1]
     offsets = jnp.arange(num_new, dtype=jnp.int32)[None, :]
@@ -53,7 +55,13 @@ def _forward(graphdef, state, cache: KVCache, tokens, lengths, embeds, all_logit
     positions = cache.positions[:, None] + offsets
     x = model.embed(tokens) if embeds is None else embeds.astype(cache.k.dtype)
     hidden, k, v = model(x, positions, cache.k, cache.v, write_slots, slots + 1)
-    cache = cache.replace(k=k, v=v, kv_len=cache.kv_len + lengths, positions=cache.positions + lengths)
+    return hidden, cache.replace(k=k, v=v, kv_len=cache.kv_len + lengths, positions=cache.positions + lengths)
+
+
+def _forward(graphdef, state, cache: KVCache, tokens, lengths, embeds, all_logits: bool):
+    """tokens int32 [B, T] (right-padded), lengths int32 [B] -> logits, cache with the chunk appended."""
+    hidden, cache = forward_hidden(graphdef, state, cache, tokens, lengths, embeds)
+    model = nnx.merge(graphdef, state)
     if all_logits:
         return model.logits(hidden), cache  # [B, T, V]
     last = jnp.maximum(lengths - 1, 0)[:, None, None]
