@@ -20,13 +20,30 @@ _TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   image_size=56, patch_size=14)
 _CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                    image_size=336, patch_size=14)
-# name -> (family, vision fields, text fields)
+# A tiny NaViT SigLIP (5x5 position table); the so400m/14 tower of MiniCPM-V-2.6.
+_TINY_SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=70, patch_size=14)
+_SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                      image_size=980, patch_size=14)
+# MiniCPM-V fields beside the LM's: 2.6's, and a tiny one that still slices a small image.
+_MINICPMV_26 = dict(query_num=64, slice_config={"max_slice_nums": 9, "patch_size": 14, "scale_resolution": 448})
+_MINICPMV_TINY = dict(query_num=16, slice_config={"max_slice_nums": 9, "patch_size": 14, "scale_resolution": 56})
+# name -> (family, vision fields, text fields[, MiniCPM-V fields])
 VLM_PRESETS = {
     "llava": ("llava", _TINY_CLIP, dict(demo.ARCH_PRESETS["llama"], vocab_size=576)),
     "llava-1.5-7b": ("llava", _CLIP_L_336, dict(demo.LIKE_PRESETS["llama-2-7b"][1], vocab_size=32064)),
+    # hidden 256: the resampler has hidden / 128 heads, so two here
+    "minicpmv": ("minicpmv", _TINY_SIGLIP, dict(demo.ARCH_PRESETS["qwen2"], hidden_size=256,
+                                                   intermediate_size=256, vocab_size=576), _MINICPMV_TINY),
+    "minicpm-v-2.6": ("minicpmv", _SIGLIP_SO400M, dict(demo.LIKE_PRESETS["qwen2-7b"][1]), _MINICPMV_26),
 }
 LIKE = tuple(name for name in VLM_PRESETS if name not in ("llava", "minicpmv"))  # real shapes
 LLAVA_TOKENS = ("<image>",)
+# MiniCPM-V-2.6's image markers and ChatML turn tokens (its <unk> is the demo tokenizer's own).
+MINICPMV_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "</image>", "<slice>", "</slice>",
+                   "<image_id>", "</image_id>")
+CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def clip_specs(cfg, prefix: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -99,19 +116,68 @@ def _llava_files(vision_fields, text_fields, dtype, seed, init_std, max_shard_by
     return write_files
 
 
+def _minicpmv_files(vision_fields, text_fields, fields, dtype, seed, init_std, max_shard_bytes):
+    """-> write_files(tmp) for a MiniCPM-V-2.6 checkpoint in its remote-code layout (config.json
+    with auto_map, `llm.* / vpm.* / resampler.*` weights); kvjax never runs that code."""
+    import transformers
+
+    tok = demo.build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(MINICPMV_TOKENS)})
+    tok.chat_template = CHATML_TEMPLATE
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    text = transformers.Qwen2Config(bos_token_id=tok.bos_token_id, eos_token_id=im_end,
+                                    pad_token_id=tok.pad_token_id, **text_fields)
+    if len(tok) > text.vocab_size:
+        raise KVJaxError(f"vocab_size {text.vocab_size} is smaller than the demo tokenizer's {len(tok)} tokens")
+    vision = transformers.SiglipVisionConfig(**vision_fields)
+    config = {k: v for k, v in text.to_dict().items() if k not in ("architectures", "transformers_version")}
+    config.update(architectures=["MiniCPMV"], model_type="minicpmv", version=2.6, dtype=dtype,
+                  auto_map={"AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+                            "AutoModel": "modeling_minicpmv.MiniCPMV"},
+                  image_size=fields["slice_config"]["scale_resolution"], patch_size=vision.patch_size,
+                  use_image_id=True, slice_mode=True, batch_vision_input=True, drop_vision_last_layer=False,
+                  vision_config=dict(vision_fields, model_type="siglip_vision_model"), **fields)
+    h, d, q, p = text.hidden_size, vision.hidden_size, fields["query_num"], vision.patch_size
+    vpm = [("vpm.embeddings.patch_embedding.weight", (d, 3, p, p), "weight"),
+           ("vpm.embeddings.patch_embedding.bias", (d,), "bias"),
+           ("vpm.embeddings.position_embedding.weight", ((vision.image_size // p) ** 2, d), "weight")]
+    vpm += encoder_specs(vision, "vpm.") + [("vpm.post_layernorm.weight", (d,), "norm"),
+                                             ("vpm.post_layernorm.bias", (d,), "bias")]
+    resampler = [("resampler.query", (q, h), "weight"), ("resampler.kv_proj.weight", (h, d), "weight"),
+                 ("resampler.attn.in_proj_weight", (3 * h, h), "weight"),
+                 ("resampler.attn.in_proj_bias", (3 * h,), "bias"),
+                 ("resampler.attn.out_proj.weight", (h, h), "weight"),
+                 ("resampler.attn.out_proj.bias", (h,), "bias"), ("resampler.proj", (h, h), "weight")]
+    for norm in ("ln_q", "ln_kv", "ln_post"):
+        resampler += [(f"resampler.{norm}.weight", (h,), "norm"), (f"resampler.{norm}.bias", (h,), "bias")]
+    specs = _with_prefix(demo._tensor_specs("qwen2", text), "llm.") + vpm + resampler
+
+    def write_files(tmp: Path) -> None:
+        tok.save_pretrained(tmp)
+        demo._write_weights(tmp, specs, demo._DTYPES[dtype], seed, init_std, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        slicing = fields["slice_config"]
+        settings = dict(image_processor_type="MiniCPMVImageProcessor", image_feature_size=q,
+                        max_slice_nums=slicing["max_slice_nums"], scale_resolution=slicing["scale_resolution"],
+                        patch_size=p, use_image_id=True, slice_mode=True, norm_mean=[0.5] * 3,
+                        norm_std=[0.5] * 3, version=2.6)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+    return write_files
+
+
 def write_vlm_checkpoint(out_dir, preset: str = "llava", *, dtype: str = "float32", seed: int = 0,
                          init_std: float = 0.02, max_shard_bytes: int = 2 * 1024**3,
                          overwrite: bool = False) -> Path:
     """Write a random-weight VLM checkpoint of `preset` (see VLM_PRESETS) to `out_dir`."""
     demo._choose("VLM preset", preset, VLM_PRESETS)
     demo._choose("dtype", dtype, demo._DTYPES)
-    family, vision_fields, text_fields = VLM_PRESETS[preset]
+    family, vision_fields, text_fields, *extra = VLM_PRESETS[preset]
     if family == "llava":
         write_files = _llava_files(vision_fields, text_fields, dtype, seed, init_std, max_shard_bytes)
     else:
-        from kvjax.demo_minicpmv import minicpmv_files
-
-        write_files = minicpmv_files(vision_fields, text_fields, dtype, seed, init_std, max_shard_bytes)
+        write_files = _minicpmv_files(vision_fields, text_fields, extra[0], dtype, seed, init_std,
+                                      max_shard_bytes)
     return demo.write_atomically(out_dir, write_files, overwrite=overwrite)
 
 

@@ -113,7 +113,8 @@ def embed_prompt(model, tokens, image_mask, vision_inputs):
     return _embed(parts.graphdef, parts.state, tokens, image_mask, vision_inputs)
 
 
-def _as_conversation(item) -> list[dict]:
+def as_conversation(item) -> list[dict]:
+    """A question string or a message list -> a message list."""
     return [{"role": "user", "content": item}] if isinstance(item, str) else list(item)
 
 
@@ -132,7 +133,7 @@ def build_llava_prompts(model, tokenizer, conversations: Sequence, pixel_values:
     rows, masks = [], []
     for conv, pixels in zip(conversations, pixel_values):
         has_image = pixels is not None
-        ids = tokenizer(render_llava(_as_conversation(conv), has_image))["input_ids"]
+        ids = tokenizer(render_llava(as_conversation(conv), has_image))["input_ids"]
         ids = expand_placeholder(ids, cfg.image_token_id, cfg.num_image_tokens, int(has_image))
         rows.append(ids)
         masks.append([i == cfg.image_token_id for i in ids])

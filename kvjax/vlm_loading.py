@@ -99,17 +99,41 @@ def load_llava(path: pathlib.Path, config: dict, dtype, *, progress: bool = Fals
     return _fill(path, abstract, dtype, rename, progress), cfg
 
 
+def _qwen2_text_config(path: pathlib.Path, config: dict) -> ModelConfig:
+    """MiniCPM-V's LM fields sit at the top of config.json (MiniCPMVConfig subclasses Qwen2Config):
+    read them through transformers' Qwen2Config, so its defaults apply and no remote code runs."""
+    import transformers
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
+    try:
+        hf = transformers.Qwen2Config(**fields)
+    except Exception as e:  # transformers 5 validators raise huggingface_hub's own error types too
+        raise CheckpointError(f"{path / 'config.json'} does not hold a valid Qwen2 LM config: {e}")
+    hf.architectures = ["Qwen2ForCausalLM"]
+    return _text_config(hf, path, config)
+
+
 def load_minicpmv(path: pathlib.Path, config: dict, dtype, *, progress: bool = False):
     """-> (MiniCPMV, MiniCPMVConfig). config.json is read as data; no remote code runs."""
-    try:
-        from kvjax.models.minicpmv import MiniCPMV, MiniCPMVConfig, minicpmv_rename
-    except ImportError:  # the SigLIP tower is in; the resampler/LM assembly is not yet
-        raise KVJaxError(f"{path}: MiniCPM-V checkpoints are not supported yet (only LLaVA-1.5 is)")
+    from kvjax.models.minicpmv import MiniCPMV, MiniCPMVConfig, minicpmv_rename
 
-    cfg = MiniCPMVConfig.from_config_json(config)
-    cfg = dataclasses.replace(cfg, text=with_generation_eos(cfg.text, path))
+    cfg = MiniCPMVConfig.from_config_json(config, _qwen2_text_config(path, config))
     abstract = nnx.eval_shape(lambda: MiniCPMV(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     return _fill(path, abstract, dtype, minicpmv_rename(cfg), progress), cfg
+
+
+def _minicpmv_tokenizer(path: pathlib.Path):
+    """The hub's tokenizer_config names a remote-code class (MiniCPMVTokenizerFast: Qwen2's BPE plus
+    id attributes) and AutoTokenizer would offer to run it; read tokenizer.json as a plain fast
+    tokenizer instead (kvjax.minicpmv_prompt looks the marker ids up by their tokens)."""
+    import transformers
+
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"no tokenizer.json in {path}; kvjax reads MiniCPM-V's tokenizer from it")
+    try:
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {e}")
 
 
 def load_vlm(path: pathlib.Path, config: dict, dtype="auto", *, tokenizer: bool = True,
@@ -123,4 +147,6 @@ def load_vlm(path: pathlib.Path, config: dict, dtype="auto", *, tokenizer: bool 
         model, cfg = load_minicpmv(path, config, dtype, progress=progress)
     else:
         raise KVJaxError(f"unknown VLM model_type {kind!r}; kvjax supports {', '.join(VLM_MODEL_TYPES)}")
-    return model, (load_tokenizer(path) if tokenizer else None), cfg
+    if not tokenizer:
+        return model, None, cfg
+    return model, (_minicpmv_tokenizer(path) if kind == "minicpmv" else load_tokenizer(path)), cfg
