@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "terminal, else read the question from stdin)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--image", help="image file for a LLaVA or MiniCPM-V model (placed in the first user turn)")
-    p.add_argument("--demo", choices=["llama", "llava"],
+    p.add_argument("--demo", choices=["llama", "llava", "minicpmv"],
                    help="use a built-in tiny random-weight model of this family (written offline on first use)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
