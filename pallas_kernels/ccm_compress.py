@@ -115,8 +115,12 @@ def _compressed_groups(cache, plan: CCMPlan, cf: int, text: GroupMLP, image: Gro
     tokens = jnp.take_along_axis(cache, slots[None, :, None, :, None], axis=3)
     groups = tokens.reshape(num_layers, batch, num_heads, num_groups, cf * head_dim)
     out = group_mlp(text, groups, dropout)
-    if image is not None:
-        out = jnp.where(plan.group_is_image[None, :, None, :, None], group_mlp(image, groups, dropout), out)
+    if image is not None:  # static shapes: both MLPs see every group, and the span picks
+        def with_image():
+            return jnp.where(plan.group_is_image[None, :, None, :, None], group_mlp(image, groups, dropout), out)
+        # Skip the image MLP when no row has an image group (text prompts); a stateful dropout
+        # (training) cannot run inside lax.cond, so then it always runs.
+        out = with_image() if dropout else jax.lax.cond(plan.group_is_image.any(), with_image, lambda: out)
     return out
 
 
