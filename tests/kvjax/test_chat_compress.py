@@ -75,3 +75,27 @@ def test_mismatched_checkpoints_exit_2_with_one_line(home, capsys, case, message
     assert main(["--question", "hi", "--quiet", "--kv-compress-ckpt", str(ckpt), *flags]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("kvjax:")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and re.search(message, errors[0]), errors
+
+
+def test_image_chat_infers_the_image_span(home):
+    """--kv-compress-image-len 0 takes image_len from the LLaVA prompt: the image span and the text
+    span are compressed separately, so kv_len after = f(image_len) + f(prompt - image_len)."""
+    import io
+    from pathlib import Path
+
+    from kvjax.chat import ChatSession, _load, build_parser
+
+    image = Path(__file__).resolve().parents[2] / "assets" / "sample.png"
+    args = build_parser().parse_args(["--demo", "llava", "--image", str(image), "--max-new-tokens", "2",
+                                      "--kv-compress", "--kv-compress-factor", "3", "--quiet"])
+    session = ChatSession(*_load(args), args)
+    session.ask("What is in the picture?", out=io.StringIO())
+    image_len = session.vision.image_len
+    before, after, kv_len, _ = session.compress_stats
+    prompt_len = before // (after // kv_len)
+
+    def kept(n, cf=3, min_groups=2):
+        return n // cf + n % cf if n // cf >= min_groups else n
+
+    assert 0 < image_len < prompt_len
+    assert kv_len == kept(image_len) + kept(prompt_len - image_len)
