@@ -21,6 +21,7 @@ from flax import nnx
 
 from kvjax.cache import KVCache
 from kvjax.errors import KVJaxError
+from kvjax.presses import Press, compress_with_press
 from pallas_kernels.ccm_compress import CCMWeights, GroupMLP, ccm_compress, ccm_compress_reference
 
 IMAGE_MODES = ("image_mlp", "text_mlp", "keep")
@@ -180,11 +181,18 @@ def _compress(graphdef, state, cache, image_len, rope_positions, mode):
     return apply_compression(cache, nnx.merge(graphdef, state), image_len, rope_positions=rope_positions, mode=mode)
 
 
-def compress(cache: KVCache, compressor: CCMCompressor, image_len=None, *, rope_positions: str | None = None,
-             mode: str | None = None) -> KVCache:
+def compress(cache: KVCache, compressor, image_len=None, *, rope_positions: str | None = None,
+             mode: str | None = None, **press_options) -> KVCache:
     """The compress step: jitted, cache donated; kv_len shrinks, positions follow `rope_positions`
     (default: the compressor's own convention). image_len int32 [B] (default 0: all text).
-    Dropout never applies here (inference); train with `apply_compression`."""
+    Dropout never applies here (inference); train with `apply_compression`.
+    `compressor` may also be a press (kvjax.presses); press_options (observations=,
+    protect_image=) then go to `kvjax.presses.compress_with_press`."""
+    if isinstance(compressor, Press):
+        return compress_with_press(cache, compressor, image_len, rope_positions=rope_positions, mode=mode,
+                                   **press_options)
+    if press_options:
+        raise KVJaxError(f"options {sorted(press_options)} apply to presses only, not CCM compressors")
     compressor.cfg.check_against(cache)
     if rope_positions is not None and rope_positions not in ROPE_POSITIONS:
         raise KVJaxError(f"rope_positions must be one of {', '.join(ROPE_POSITIONS)}; got {rope_positions!r}")

@@ -72,9 +72,11 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=dtype)
 
-    def __call__(self, x, positions, cache_k, cache_v, layer, write_slots, visible_len):
-        attn, cache_k, cache_v = self.self_attn(
-            self.input_layernorm(x), positions, cache_k, cache_v, layer, write_slots, visible_len)
+    def __call__(self, x, positions, cache_k, cache_v, layer, write_slots, visible_len, tap=None):
+        h = self.input_layernorm(x)
+        if tap is not None:  # trace-time hook: presses read the attention input (kvjax.presses)
+            tap(layer, self.self_attn, h)
+        attn, cache_k, cache_v = self.self_attn(h, positions, cache_k, cache_v, layer, write_slots, visible_len)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache_k, cache_v
@@ -108,11 +110,12 @@ class CausalLM(nnx.Module):
         """tokens [B, T] -> embeddings [B, T, H] (VLMs replace some rows before `__call__`)."""
         return self.model.embed_tokens(tokens)
 
-    def __call__(self, embeds, positions, cache_k, cache_v, write_slots, visible_len):
-        """embeds [B, T, H] -> final hidden states [B, T, H] and the updated cache arrays."""
+    def __call__(self, embeds, positions, cache_k, cache_v, write_slots, visible_len, tap=None):
+        """embeds [B, T, H] -> final hidden states [B, T, H] and the updated cache arrays.
+        tap(layer, self_attn, h [B, T, H]) is called with each layer's attention input if given."""
         x = embeds
         for layer, block in enumerate(self.model.layers):
-            x, cache_k, cache_v = block(x, positions, cache_k, cache_v, layer, write_slots, visible_len)
+            x, cache_k, cache_v = block(x, positions, cache_k, cache_v, layer, write_slots, visible_len, tap)
         return self.model.norm(x), cache_k, cache_v
 
     def logits(self, hidden: jax.Array) -> jax.Array:
