@@ -36,9 +36,10 @@ def kept_mask(press: Press, inputs: PressInputs, n_kept, protect_first) -> jax.A
     Ties go to the lower slot (kvpress leaves tie order to torch.topk)."""
     scores = press.score(inputs).astype(jnp.float32)
     slots = slot_index(inputs)
-    scores = jnp.where(slots[None, :] < protect_first[:, None], PROTECTED, scores)
+    scores = jnp.where((slots[None, :] < protect_first[:, None])[None, :, None], PROTECTED, scores)
     # Padding gets the lowest score; the lowest finite value keeps the argsort NaN-free.
-    scores = jnp.where(slots[None, :] < inputs.kv_len[:, None], scores, jnp.finfo(jnp.float32).min)
+    valid = (slots[None, :] < inputs.kv_len[:, None])[None, :, None]
+    scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
     order = jnp.argsort(-scores, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1)  # inverse permutation: each slot's place in the ranking
     return rank < n_kept[:, :, None, None]
