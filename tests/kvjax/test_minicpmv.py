@@ -30,28 +30,32 @@ def random_resampler_tensors(rng, num_queries, dim, kv_dim):
     return tensors
 
 
-def numpy_resampler(t, x, tgt_sizes, num_heads):
-    """Per slice, in float64, straight from the reference notes (§4)."""
-    def layer_norm(v, name):
-        mean, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
-        return (v - mean) / np.sqrt(var + 1e-6) * t[f"{name}.weight"] + t[f"{name}.bias"]
+def numpy_pos_embed(rows, cols, dim):
+    """[rows * cols, dim], row-major cells: column half first, each sin(p·ω) then cos(p·ω)."""
+    omega = [1 / 10000 ** (k / (dim // 4)) for k in range(dim // 4)]
 
-    dim = t["query"].shape[1]
-    head = dim // num_heads
-    half = dim // 2
-    omega = [1 / 10000 ** (k / (half // 2)) for k in range(half // 2)]
-
-    def one_d(p):  # sin then cos over the half's frequencies
+    def one_d(p):
         return [math.sin(p * w) for w in omega] + [math.cos(p * w) for w in omega]
 
+    return np.array([one_d(c) + one_d(r) for r in range(rows) for c in range(cols)])
+
+
+def numpy_layer_norm(v, t, name):
+    mean, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
+    return (v - mean) / np.sqrt(var + 1e-6) * t[f"{name}.weight"] + t[f"{name}.bias"]
+
+
+def numpy_resampler(t, x, tgt_sizes, num_heads):
+    """Per slice, in float64, straight from the reference notes (§4)."""
+    head = t["query"].shape[1] // num_heads
     w_q, w_k, w_v = np.split(t["attn.in_proj_weight"], 3)
     b_q, b_k, b_v = np.split(t["attn.in_proj_bias"], 3)
-    q = layer_norm(t["query"], "ln_q") @ w_q.T + b_q
+    q = numpy_layer_norm(t["query"], t, "ln_q") @ w_q.T + b_q
     outputs = []
     for feats, (rows, cols) in zip(x, tgt_sizes):
-        kv = layer_norm(feats[:rows * cols] @ t["kv_proj.weight"].T, "ln_kv")  # valid patches only
-        pos = np.array([one_d(c) + one_d(r) for r in range(rows) for c in range(cols)])  # col half first
-        k, v = (kv + pos) @ w_k.T + b_k, kv @ w_v.T + b_v
+        kv = numpy_layer_norm(feats[:rows * cols] @ t["kv_proj.weight"].T, t, "ln_kv")  # valid patches only
+        k = (kv + numpy_pos_embed(rows, cols, q.shape[1])) @ w_k.T + b_k
+        v = kv @ w_v.T + b_v
         heads = []
         for h in range(num_heads):
             s = slice(h * head, (h + 1) * head)
@@ -59,7 +63,7 @@ def numpy_resampler(t, x, tgt_sizes, num_heads):
             probs = np.exp(scores - scores.max(-1, keepdims=True))
             heads.append(probs / probs.sum(-1, keepdims=True) @ v[:, s])
         out = np.concatenate(heads, -1) @ t["attn.out_proj.weight"].T + t["attn.out_proj.bias"]
-        outputs.append(layer_norm(out, "ln_post") @ t["proj"])
+        outputs.append(numpy_layer_norm(out, t, "ln_post") @ t["proj"])
     return np.stack(outputs)
 
 
@@ -76,6 +80,32 @@ def test_resampler_matches_numpy_reference():
     expected = numpy_resampler(tensors, x.astype(np.float64), tgt_sizes, heads)
     assert ours.shape == (3, num_queries, dim)
     np.testing.assert_allclose(ours, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_packed_attention_weights_follow_torch_multihead_attention():
+    """The packed in_proj / key_padding_mask reading, checked against torch's own module."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    tensors = random_resampler_tensors(rng, 4, 32, 16)
+    x = rng.standard_normal((2, 6, 16))
+    tgt_sizes = np.array([(2, 3), (1, 4)], np.int32)
+    mha = torch.nn.MultiheadAttention(32, 2).double()  # sequence-first, as the remote code builds it
+    mha.load_state_dict({k.removeprefix("attn."): torch.from_numpy(v) for k, v in tensors.items()
+                         if k.startswith("attn.")})
+    kv = numpy_layer_norm(x @ tensors["kv_proj.weight"].T, tensors, "ln_kv")
+    pos = np.zeros_like(kv)
+    for i, (rows, cols) in enumerate(tgt_sizes):
+        pos[i, :rows * cols] = numpy_pos_embed(rows, cols, 32)
+    q = np.repeat(numpy_layer_norm(tensors["query"], tensors, "ln_q")[:, None], 2, axis=1)
+    padding = torch.from_numpy(np.arange(6)[None] >= tgt_sizes.prod(1)[:, None])
+    with torch.no_grad():
+        out = mha(torch.from_numpy(q), torch.from_numpy(kv + pos).transpose(0, 1), torch.from_numpy(kv).transpose(0, 1),
+                  key_padding_mask=padding)[0].transpose(0, 1).numpy()
+    expected = numpy_layer_norm(out, tensors, "ln_post") @ tensors["proj"]
+    np.testing.assert_allclose(numpy_resampler(tensors, x, tgt_sizes, 2), expected, atol=1e-10)
+    abstract = nnx.eval_shape(lambda: Resampler(4, 32, 2, 16, rngs=nnx.Rngs(0)))
+    ours = fill_module(abstract, tensors.items(), dtype=np.float32)(x.astype(np.float32), tgt_sizes)
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=2e-4, rtol=2e-4)
 
 
 MINICPMV_26 = {  # the hub config.json fields that shape the model (shared/reference §1)
@@ -159,7 +189,8 @@ def test_features_fill_the_image_bounds_and_image_len_counts_text_around_them(de
     assert tokenizer.decode(ids[last_end:last_end + 1]) == "</slice>" and prompt.lengths[0] > last_end + 10
     assert tokenizer.decode(ids[:bounds[0, 0]]).startswith("<|im_start|>system\nYou describe pictures.")
     # Slice k's features fill span k, in order; everything else keeps its token embedding.
-    features = np.asarray(model.image_features(image.inputs))
+    image_features = nnx.jit(lambda m, inputs: m.image_features(inputs))  # eager op-by-op is slow
+    features = np.asarray(image_features(model, image.inputs))
     embeds, table = np.asarray(prompt.embeds), np.asarray(model.language_model.embed(prompt.tokens))
     for k, (start, end) in enumerate(bounds):
         np.testing.assert_allclose(embeds[0, start:end], features[k], atol=5e-5)  # jit vs eager
@@ -170,7 +201,7 @@ def test_features_fill_the_image_bounds_and_image_len_counts_text_around_them(de
     # Padding slices to the longest one changes nothing: the source image alone gives its row.
     pixels, position_ids, patch_mask, tgt_sizes = image.inputs
     n = int(np.prod(image.tgt_sizes[0]))
-    alone = np.asarray(model.image_features((pixels[:1, ..., :14 * n], position_ids[:1, :n], patch_mask[:1, :n],
+    alone = np.asarray(image_features(model, (pixels[:1, ..., :14 * n], position_ids[:1, :n], patch_mask[:1, :n],
                                              tgt_sizes[:1])))
     np.testing.assert_allclose(alone[0], features[0], atol=2e-5)
 
