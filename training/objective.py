@@ -97,7 +97,7 @@ def train_step(params, opt_state, lr_scale, step, seed_key, rest, backbone_state
                                          batch, dropout_key, cfg)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return optax.apply_updates(params, updates), opt_state, metrics
 
 

@@ -9,6 +9,7 @@ summary.json (final figures, throughput).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -35,10 +36,15 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
 
 
 def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return _optimizer(cfg.lr, cfg.clip_norm, cfg.accumulate)
+
+
+@functools.lru_cache(maxsize=8)  # the optimizer is a static jit argument: same settings, same compiled step
+def _optimizer(lr: float, clip_norm: float, accumulate: int) -> optax.GradientTransformation:
     """Adam after global-norm clipping; MultiSteps averages `accumulate` micro-batches per update."""
-    parts = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []) + [optax.adam(cfg.lr)]
+    parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [optax.adam(lr)]
     optimizer = optax.chain(*parts)
-    return optax.MultiSteps(optimizer, every_k_schedule=cfg.accumulate) if cfg.accumulate > 1 else optimizer
+    return optax.MultiSteps(optimizer, every_k_schedule=accumulate) if accumulate > 1 else optimizer
 
 
 def build_plateau(cfg: TrainConfig):
