@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image prefix of the cache; 0 = infer from the prompt (0 for text-only prompts)")
     g.add_argument("--kv-compress-positions", choices=["original", "compressed"],
                    help="RoPE positions after compression (default: the compressor's own convention)")
+    g = p.add_argument_group("KV-cache presses (kvpress-style scoring; python -c 'import kvjax.presses as p; "
+                             "print(p.list_presses())')")
+    g.add_argument("--press", help="press the prompt's KV cache after prefill with this method, e.g. knorm, snapkv")
+    g.add_argument("--compression-ratio", type=float, default=0.5, help="fraction of prompt tokens dropped (0.5)")
+    g.add_argument("--press-option", action="append", metavar="NAME=VALUE",
+                   help="press hyper-parameter (kvpress names), repeatable: --press-option window_size=16")
+    g.add_argument("--press-protect-image", action="store_true", help="always keep the image tokens")
     return p
 
 
@@ -97,6 +104,7 @@ class ChatSession:
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
         self.messages = [{"role": "system", "content": args.system}] if args.system else []
         self.compressor = _compressor(args, cfg, self.cache_dtype)
+        self.press = _press(args)
         self.compress_stats = None  # (kv bytes before, after, kv_len after, seconds) of the last turn
         self.is_warm = set()
 
@@ -112,14 +120,21 @@ class ChatSession:
         return self.kvjax.stream(self.parts, cache, tokens, np.array([len(ids)]), embeds=embeds,
                                  max_new_tokens=max_new_tokens, sampling=self.sampling,
                                  eos_ids=self.eos_ids, seed=self.args.seed, on_prefill=on_prefill,
-                                 after_prefill=self._compress if self.compressor is not None else None)
+                                 after_prefill=lambda cache: self._compress(cache, tokens, len(ids), embeds)
+                                 if self.compressor is not None or self.press is not None else None)
 
-    def _compress(self, cache):
+    def _compress(self, cache, tokens, num_tokens, embeds):
         image_len = self.args.kv_compress_image_len or (self.vision.image_len if self.vision is not None else 0)
         before = cache.used_bytes()
         start = time.perf_counter()
-        cache = self.kvjax.compress(cache, self.compressor, [image_len],
-                                    rope_positions=self.args.kv_compress_positions)
+        if self.press is not None:
+            from kvjax.presses import compress_prompt
+
+            cache = compress_prompt(self.parts, cache, tokens, [num_tokens], embeds, press=self.press,
+                                    image_len=[image_len], protect_image=self.args.press_protect_image)
+        else:
+            cache = self.kvjax.compress(cache, self.compressor, [image_len],
+                                        rope_positions=self.args.kv_compress_positions)
         after = cache.used_bytes()  # syncs, so the time below is the step's
         self.compress_stats = (int(before[0]), int(after[0]), int(cache.kv_len[0]), time.perf_counter() - start)
         return cache
@@ -164,7 +179,7 @@ class ChatSession:
         end = time.perf_counter()
         out.write("\n")
         # The last sampled token never enters the cache, hence the + 1.
-        in_cache = self.compress_stats[2] if self.compressor is not None else len(ids)
+        in_cache = self.compress_stats[2] if self.compress_stats is not None else len(ids)
         if len(generated) < self.args.max_new_tokens and in_cache + len(generated) >= self.args.max_tokens + 1:
             print(f"kvjax: answer cut: the KV cache is full ({self.args.max_tokens} tokens); "
                   "raise --max-tokens", file=sys.stderr)
@@ -199,6 +214,20 @@ def _compressor(args, cfg, dtype):
 
     return compressor_for(cfg, ckpt=args.kv_compress_ckpt, compression_factor=args.kv_compress_factor,
                           min_seq_len=args.kv_compress_min_seq_len, dtype=jnp.dtype(dtype).name)
+
+
+def _press(args):
+    """The press the flags ask for, or None."""
+    if args.press is None:
+        return None
+    if args.kv_compress or args.kv_compress_ckpt:
+        raise KVJaxError("pass either --press or --kv-compress, not both")
+    from kvjax.presses import PRESSES, ScorerPress, get_press, parse_options
+
+    # Seed 004's methods take their own budget options instead of a ratio.
+    is_ratio = isinstance(PRESSES.get(args.press), type) and issubclass(PRESSES[args.press], ScorerPress)
+    ratio = {"compression_ratio": args.compression_ratio} if is_ratio else {}
+    return get_press(args.press, **{**ratio, **parse_options(args.press_option)})
 
 
 def _load(args):

@@ -144,3 +144,36 @@ def prefill(model, cache: KVCache, tokens, lengths=None, embeds=None, *, press: 
     if np.asarray(cache.kv_len).any():
         raise KVJaxError("kvjax.presses.prefill needs an empty cache (presses score a fresh prompt, as kvpress does)")
     return _prefill(parts.graphdef, parts.state, cache, tokens, lengths, embeds, _traced(press))
+
+
+def compress_prompt(model, cache: KVCache, tokens, lengths=None, embeds=None, *, press: Press, **options):
+    """Press a cache that already holds exactly this prompt (e.g. in `kvjax.stream`'s after_prefill).
+
+    Query presses need the prefill's observations; this re-runs the prefill into a scratch cache to
+    record them (one extra prefill; `prefill` + `kvjax.compress` avoids it where you own the prefill)."""
+    observations = None
+    if press.uses_prefill:
+        scratch = KVCache.create(cache.num_layers, cache.batch, cache.k.shape[2], cache.max_len, cache.k.shape[4],
+                                 cache.k.dtype)
+        _, _, observations = prefill(model, scratch, tokens, lengths, embeds, press=press)
+    return compress_with_press(cache, press, observations=observations, **options)
+
+
+def parse_options(pairs) -> dict:
+    """['window_size=8', 'use_vnorm=false'] -> {'window_size': 8, 'use_vnorm': False} (CLI press options)."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise KVJaxError(f"press option {pair!r} must look like NAME=VALUE, e.g. window_size=16")
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            options[key] = lowered == "true"
+            continue
+        for kind in (int, float):
+            try:
+                options[key] = kind(text)
+                break
+            except ValueError:
+                options[key] = text
+    return options
