@@ -88,11 +88,7 @@ class MiniCPMVImage:
     strips: tuple  # float32 [3, p, p * rows * cols] per slice, source first
     tgt_sizes: tuple  # (patch rows, patch cols) per slice
     grid: tuple[int, int] | None  # (cols, rows) of the slice grid
-    vision_inputs: tuple  # the tower's arrays for this image alone (see `vision_inputs`)
-
-    @property
-    def inputs(self):
-        return self.vision_inputs
+    inputs: tuple  # the tower's arrays for this image alone (see `vision_inputs`)
 
 
 def vision_inputs(images: Sequence[MiniCPMVImage], cfg):
@@ -116,7 +112,7 @@ def preprocess(image, cfg) -> MiniCPMVImage:
         strips.append(patch_strip(pixels.transpose(2, 0, 1), p))
         sizes.append((piece.size[1] // p, piece.size[0] // p))
     partial = MiniCPMVImage(tuple(strips), tuple(sizes), grid, ())
-    return dataclasses.replace(partial, vision_inputs=vision_inputs([partial], cfg))
+    return dataclasses.replace(partial, inputs=vision_inputs([partial], cfg))
 
 
 def _marker_ids(tokenizer) -> dict[str, int]:
