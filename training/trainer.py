@@ -172,7 +172,7 @@ class Trainer:
             record["initial_val"] = self.evaluate()
         steps_per_epoch = len(data.epoch_order(len(self.train_set), cfg.batch_size, 0, cfg.seed))
         total = steps_per_epoch * cfg.epochs
-        step, timed, last_val = record["step"], [], None
+        step, timed, seen_shapes, last_val = record["step"], [], set(), None
         bar = tqdm(total=total, initial=step, disable=cfg.quiet, desc="train", unit="step")
         with open(self.out / "metrics.jsonl", "a") as metrics_file:
             while record["epoch"] < cfg.epochs:
@@ -184,7 +184,9 @@ class Trainer:
                     start = time.perf_counter()
                     metrics = {k: float(v) for k, v in jax.device_get(self._train_step(batch, step)).items()}
                     tokens = int(batch.context_len.sum() + batch.cont_len.sum())
-                    timed.append((time.perf_counter() - start, len(examples), tokens))
+                    shape = (batch.context.shape, batch.cont.shape)  # a new shape's step includes its compile
+                    timed.append((time.perf_counter() - start, len(examples), tokens, shape in seen_shapes))
+                    seen_shapes.add(shape)
                     step += 1
                     metrics_file.write(json.dumps({"split": "train", "step": step, "epoch": epoch, **metrics}) + "\n")
                     bar.update(1)
@@ -207,13 +209,13 @@ class Trainer:
     def _finish(self, record, final_val, timed) -> dict:
         save_compressor(self.out / "compressor", self.compressor(), overwrite=True,
                         extra={"step": record["step"], "val": final_val})
-        steady = timed[1:] or timed  # the first step includes compilation
-        seconds = sum(t for t, _, _ in steady)
+        steady = [t for t in timed if t[3]]  # steps whose shape was already compiled
+        seconds = sum(t[0] for t in steady)
         summary = {"steps": record["step"], "initial_val": record["initial_val"], "final_val": final_val,
                    "best_val_loss": record["best_val_loss"],
-                   "examples_per_s": sum(n for _, n, _ in steady) / seconds if seconds else None,
-                   "tokens_per_s": sum(t for _, _, t in steady) / seconds if seconds else None,
-                   "compile_step_s": timed[0][0] if timed else None}
+                   "examples_per_s": sum(t[1] for t in steady) / seconds if seconds else None,
+                   "tokens_per_s": sum(t[2] for t in steady) / seconds if seconds else None,
+                   "num_timed_steps": len(steady), "num_compiled_shapes": len(timed) - len(steady)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

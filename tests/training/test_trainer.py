@@ -35,7 +35,7 @@ def test_training_lowers_validation_kl(tiny_train_setup, tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(line["split"] == "val" for line in lines) == 6 and lines[-1]["split"] == "val"
     assert (out / "best" / "compressor.json").exists() and (out / "compressor" / "compressor.json").exists()
-    assert summary["examples_per_s"] > 0
+    assert summary["examples_per_s"] > 0 and summary["num_compiled_shapes"] == 1
 
 
 def test_kill_and_resume_is_bitwise_equal(tiny_train_setup, tmp_path):
