@@ -117,11 +117,12 @@ class ChatSession:
         tokens[0, :len(ids)] = ids
         embeds = None if self.vision is None else self.vision.embed(tokens)
         cache = self.kvjax.KVCache.for_model(self.cfg, 1, self.args.max_tokens, self.cache_dtype)
+        compresses = self.compressor is not None or self.press is not None
         return self.kvjax.stream(self.parts, cache, tokens, np.array([len(ids)]), embeds=embeds,
                                  max_new_tokens=max_new_tokens, sampling=self.sampling,
                                  eos_ids=self.eos_ids, seed=self.args.seed, on_prefill=on_prefill,
-                                 after_prefill=lambda cache: self._compress(cache, tokens, len(ids), embeds)
-                                 if self.compressor is not None or self.press is not None else None)
+                                 after_prefill=(lambda c: self._compress(c, tokens, len(ids), embeds)) if compresses
+                                 else None)
 
     def _compress(self, cache, tokens, num_tokens, embeds):
         image_len = self.args.kv_compress_image_len or (self.vision.image_len if self.vision is not None else 0)
