@@ -4,6 +4,8 @@ demo dataset. Flags come from `training.config.TrainConfig`; `--config FILE` (.j
 the same keys, and flags given here win. User errors print one `error: ...` line and exit 2.
 
     python -m kvjax.train --model-dir DIR --data data.jsonl --out runs/ccm --compression-factor 5
+    python -m kvjax.train --model-dir LLAVA_DIR --data llava.json --image-root IMAGES --out runs/vlm
+    python -m kvjax.train --demo llava --out runs/demo   # tiny LLaVA on PIL-drawn shapes, offline
     python -m kvjax.chat --model-dir DIR --kv-compress-ckpt runs/ccm/compressor
 """
 

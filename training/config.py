@@ -16,6 +16,7 @@ COMPRESSORS = ("decouple", "hybrid")
 POSITIONS = ("original", "compressed")
 LOSSES = ("kl", "fastcache")
 DTYPES = ("float32", "bfloat16")
+DEMOS = ("llava", "minicpmv")
 
 
 def _opt(default, help: str, choices=None, kind=None):
@@ -26,6 +27,8 @@ def _opt(default, help: str, choices=None, kind=None):
 class TrainConfig:
     model_dir: str | None = _opt(None, "HF model directory (default: the built-in demo Llama)", kind=str)
     data: str | None = _opt(None, "LLaVA-style .json or text .jsonl (default: the built-in demo dataset)", kind=str)
+    demo: str | None = _opt(None, "train a built-in demo VLM on the demo image dataset (unless --model-dir/--data "
+                            "say otherwise)", DEMOS, str)
     image_root: str | None = _opt(None, "directory the data's image paths are relative to", kind=str)
     out: str = _opt("kvjax_train_out", "output directory (checkpoints, metrics.jsonl, compressor/)")
     compressor: str | None = _opt(None, "decouple (image+text MLPs) or hybrid (text MLPs only); "

@@ -40,6 +40,7 @@ class Example:
     prompt: tuple[int, ...]  # the context's token ids, ending where the answer starts
     answer: tuple[int, ...]
     image: pathlib.Path | None = None
+    image_len: int = 0  # image prefix of the prompt (kvjax.multimodal); 0 = text only
 
 
 def _bad(source: str, why: str) -> KVJaxError:
@@ -109,24 +110,30 @@ def read_records(path, image_root=None) -> list[Record]:
 
 
 def tokenize(records: Sequence[Record], tokenizer, *, max_context_len: int, max_answer_len: int,
-             min_context_len: int) -> list[Example]:
-    """Records -> token ids. Contexts keep their last max_context_len tokens; answers end with EOS."""
+             min_context_len: int, contexts=None) -> list[Example]:
+    """Records -> token ids. Contexts keep their last max_context_len tokens (image contexts stay
+    whole: the image cannot be cut); answers end with EOS. `contexts` (training.vision.ImageContexts)
+    renders VLM prompts in the model's own format, image placeholders expanded."""
     examples = []
     for record in records:
+        image_len = 0
         if record.answer is None:
             ids = list(tokenizer(record.question)["input_ids"])
             half = len(ids) // 2
             prompt, answer = ids[:half], ids[half:]
         else:
-            prompt = encode_chat(tokenizer, [{"role": "user", "content": record.question}])
+            if contexts is None:
+                prompt = encode_chat(tokenizer, [{"role": "user", "content": record.question}])
+            else:
+                prompt, image_len = contexts.prompt(record.question, record.image, record.source)
             answer = list(tokenizer(" " + record.answer, add_special_tokens=False)["input_ids"])
             answer.append(tokenizer.eos_token_id)
-        prompt, answer = prompt[-max_context_len:], answer[:max_answer_len]
+        prompt, answer = (prompt if image_len else prompt[-max_context_len:]), answer[:max_answer_len]
         # the last prompt token is fed to both models, so the compressed context is one shorter
         if len(prompt) - 1 < min_context_len or not answer:
             raise _bad(record.source, f"too short to train on: {len(prompt) - 1} context tokens (need "
                        f">= {min_context_len} = compression factor x min_seq_len) and {len(answer)} answer tokens")
-        examples.append(Example(tuple(prompt), tuple(answer), record.image))
+        examples.append(Example(tuple(prompt), tuple(answer), record.image, image_len))
     return examples
 
 
@@ -159,11 +166,12 @@ def collate(examples: Sequence[Example], batch_size: int, pad_id: int, *, min_bu
         context[row, :len(c)] = c
         cont[row, :len(n)] = n
     lengths = lambda rows: np.array([len(r) for r in rows] + [0] * (batch_size - len(rows)), np.int32)  # noqa: E731
-    return Batch(context=context, context_len=lengths(contexts), image_len=np.zeros(batch_size, np.int32),
+    image_len = np.array([ex.image_len for ex in examples] + [0] * (batch_size - len(examples)), np.int32)
+    return Batch(context=context, context_len=lengths(contexts), image_len=image_len,
                  cont=cont, cont_len=lengths(conts))
 
 
-def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Every example once, in order; the last batch padded with zero-length rows."""
+def eval_chunks(examples: Sequence[Example], batch_size: int) -> Iterator[list[Example]]:
+    """Every example once, in order, batch_size at a time (the last chunk may be short)."""
     for i in range(0, len(examples), batch_size):
-        yield collate(examples[i:i + batch_size], batch_size, pad_id)
+        yield list(examples[i:i + batch_size])

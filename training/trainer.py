@@ -27,6 +27,7 @@ from training import checkpoints, data
 from training.config import TrainConfig
 from training.losses import LossConfig
 from training.objective import StepConfig, eval_step, train_step
+from training.vision import image_contexts
 
 
 def loss_config(cfg: TrainConfig) -> LossConfig:
@@ -53,14 +54,23 @@ def build_plateau(cfg: TrainConfig):
 
 
 def load_backbone(cfg: TrainConfig):
+    """-> (model, tokenizer, model config, model dir); VLMs come whole (the vision tower embeds contexts)."""
     import kvjax  # noqa: PLC0415 (kvjax.load pulls in the loaders)
-    from kvjax.demo import ensure_demo_checkpoint  # noqa: PLC0415
 
-    model_dir = cfg.model_dir or ensure_demo_checkpoint()
+    if cfg.model_dir:
+        model_dir = cfg.model_dir
+    elif cfg.demo:
+        from kvjax.demo_vlm import ensure_demo_vlm  # noqa: PLC0415
+
+        model_dir = ensure_demo_vlm(cfg.demo)
+    else:
+        from kvjax.demo import ensure_demo_checkpoint  # noqa: PLC0415
+
+        model_dir = ensure_demo_checkpoint()
     model, tokenizer, model_cfg = kvjax.load(model_dir, dtype=cfg.dtype)
     if tokenizer is None:
         raise KVJaxError(f"{model_dir} has no tokenizer; training needs one to encode the data")
-    return model, tokenizer, model_cfg
+    return model, tokenizer, model_cfg, model_dir
 
 
 def make_compressor(cfg: TrainConfig, model_cfg, has_images: bool):
@@ -79,16 +89,21 @@ def make_compressor(cfg: TrainConfig, model_cfg, has_images: bool):
         dtype=cfg.dtype), rngs=nnx.Rngs(cfg.seed))
 
 
-def load_examples(cfg: TrainConfig, tokenizer, compression_factor: int):
-    from training.demo_data import ensure_demo_dataset  # noqa: PLC0415
+def read_data(cfg: TrainConfig) -> list:
+    from training.demo_data import ensure_demo_dataset, ensure_demo_image_dataset  # noqa: PLC0415
 
-    records = data.read_records(cfg.data or ensure_demo_dataset(), cfg.image_root)[:cfg.max_examples]
-    if any(r.image is not None for r in records):
-        raise KVJaxError(f"{cfg.data} has images; training on images (VLM backbones) is not supported yet, "
-                         "use text records")
+    if cfg.data:
+        return data.read_records(cfg.data, cfg.image_root)[:cfg.max_examples]
+    if cfg.demo:
+        path = ensure_demo_image_dataset()
+        return data.read_records(path, cfg.image_root or path.parent)[:cfg.max_examples]
+    return data.read_records(ensure_demo_dataset())[:cfg.max_examples]
+
+
+def load_examples(cfg: TrainConfig, records, tokenizer, compression_factor: int, contexts=None):
     examples = data.tokenize(records, tokenizer, max_context_len=cfg.max_context_len,
                              max_answer_len=cfg.max_answer_len,
-                             min_context_len=compression_factor * max(cfg.min_seq_len, 1))
+                             min_context_len=compression_factor * max(cfg.min_seq_len, 1), contexts=contexts)
     train, val = data.split_train_val(examples, cfg.val_ratio, cfg.seed)
     if len(train) < cfg.batch_size:
         raise KVJaxError(f"{len(train)} training examples are fewer than --batch-size {cfg.batch_size}; "
@@ -103,11 +118,17 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.out = checkpoints.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
         self.loss_cfg = loss_config(cfg)
-        model, self.tokenizer, self.model_cfg = load_backbone(cfg)
-        compressor = make_compressor(cfg, self.model_cfg, has_images=False)
-        self.train_set, self.val_set = load_examples(cfg, self.tokenizer, compressor.cfg.compression_factor)
+        model, self.tokenizer, model_cfg, model_dir = load_backbone(cfg)
+        records = read_data(cfg)
+        has_images = any(r.image is not None for r in records)
+        self.contexts = image_contexts(model, self.tokenizer, model_cfg, model_dir, has_images)
+        self.model_cfg = getattr(model_cfg, "text", model_cfg)  # the language model's
+        compressor = make_compressor(cfg, self.model_cfg, has_images)
+        self.train_set, self.val_set = load_examples(cfg, records, self.tokenizer,
+                                                     compressor.cfg.compression_factor, self.contexts)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.backbone_graphdef, self.backbone_state = nnx.split(model)
+        # the teacher/student steps run only the LM; a VLM's vision tower runs in `batch`, outside the gradient
+        self.backbone_graphdef, self.backbone_state = nnx.split(getattr(model, "language_model", model))
         self.compressor_graphdef, params, self.rest = nnx.split(compressor, nnx.Param, ...)
         self.optimizer, self.plateau = build_optimizer(cfg), build_plateau(cfg)
         self.state = {"params": params, "opt_state": self.optimizer.init(params),
@@ -125,7 +146,8 @@ class Trainer:
     def evaluate(self, params=None) -> dict:
         """Position-weighted means over the validation split (no dropout)."""
         totals, count = {}, 0.0
-        for batch in data.eval_batches(self.val_set, self.cfg.batch_size, self.pad_id):
+        for examples in data.eval_chunks(self.val_set, self.cfg.batch_size):
+            batch = self.batch(examples)
             metrics = jax.device_get(eval_step(self.state["params"] if params is None else params, self.rest, self.backbone_state,
                                                batch, **self.statics))
             num = float(metrics.pop("num_positions"))
@@ -133,6 +155,13 @@ class Trainer:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * num
         return {k: v / max(count, 1.0) for k, v in totals.items()}
+
+    def batch(self, examples) -> data.Batch:
+        """Collate `examples`; VLM contexts get their embeddings (image features merged) here."""
+        batch = data.collate(examples, self.cfg.batch_size, self.pad_id, min_bucket=self.cfg.min_bucket)
+        if self.contexts is None:
+            return batch
+        return dataclasses.replace(batch, context_embeds=self.contexts.embed(batch.context, examples))
 
     def _train_step(self, batch, step):
         s = self.state
@@ -180,7 +209,7 @@ class Trainer:
                 order = data.epoch_order(len(self.train_set), cfg.batch_size, epoch, cfg.seed)
                 for index in range(record["next_batch"], len(order)):
                     examples = [self.train_set[i] for i in order[index]]
-                    batch = data.collate(examples, cfg.batch_size, self.pad_id, min_bucket=cfg.min_bucket)
+                    batch = self.batch(examples)
                     start = time.perf_counter()
                     metrics = {k: float(v) for k, v in jax.device_get(self._train_step(batch, step)).items()}
                     tokens = int(batch.context_len.sum() + batch.cont_len.sum())
