@@ -11,33 +11,12 @@ import os
 import sys
 import time
 
+from kvjax.cli import Parser, non_negative_int, positive_int
 from kvjax.errors import KVJaxError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other user error
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= low, with a message that says so."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m kvjax.chat", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m kvjax.chat", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", help="Hugging Face model directory (default: the built-in demo model, "
                                        "random weights)")
     p.add_argument("--question", help="ask one question and exit (default: interactive when stdin is a "
@@ -46,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image file for a LLaVA or MiniCPM-V model (placed in the first user turn)")
     p.add_argument("--demo", choices=["llama", "llava", "minicpmv"],
                    help="use a built-in tiny random-weight model of this family (written offline on first use)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-tokens", type=_positive_int, default=2048,
+    p.add_argument("--max-tokens", type=positive_int, default=2048,
                    help="KV cache capacity in tokens (prompt + answer)")
     p.add_argument("--time", action="store_true", help="print prefill time / TTFT and decode tokens/s")
     p.add_argument("--quiet", action="store_true", help="print only the answer")
@@ -61,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-compress-ckpt", help="compressor checkpoint directory (implies --kv-compress; convert "
                                               "FastCache .pth files with python -m kvjax.convert_fastcache); "
                                               "default: an UNTRAINED random compressor")
-    g.add_argument("--kv-compress-factor", type=_positive_int,
+    g.add_argument("--kv-compress-factor", type=positive_int,
                    help="tokens merged into one (default 5, or the checkpoint's)")
-    g.add_argument("--kv-compress-min-seq-len", type=_non_negative_int,
+    g.add_argument("--kv-compress-min-seq-len", type=non_negative_int,
                    help="spans with fewer groups stay uncompressed (default 2, or the checkpoint's)")
-    g.add_argument("--kv-compress-image-len", type=_non_negative_int, default=0,
+    g.add_argument("--kv-compress-image-len", type=non_negative_int, default=0,
                    help="image prefix of the cache; 0 = infer from the prompt (0 for text-only prompts)")
     g.add_argument("--kv-compress-positions", choices=["original", "compressed"],
                    help="RoPE positions after compression (default: the compressor's own convention)")

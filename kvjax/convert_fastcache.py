@@ -153,9 +153,9 @@ def convert_fastcache(input_path, model_dir, output, *, kind: str = "auto", rope
 
 
 def main(argv=None) -> int:
-    from kvjax.chat import _Parser  # noqa: PLC0415 (one-line errors, exit 2)
+    from kvjax.cli import Parser  # noqa: PLC0415 (one-line errors, exit 2)
 
-    p = _Parser(prog="python -m kvjax.convert_fastcache", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m kvjax.convert_fastcache", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="FastCache compressor .pth")
     p.add_argument("--model-dir", required=True, help="HF directory of the model the compressor was trained for")
     p.add_argument("--output", required=True, help="directory to write (must not exist unless --overwrite)")

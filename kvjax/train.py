@@ -16,13 +16,13 @@ import dataclasses
 import os
 import sys
 
-from kvjax.chat import _Parser
+from kvjax.cli import Parser
 from kvjax.errors import KVJaxError
 
 
 def build_parser(config_cls) -> argparse.ArgumentParser:
     """One flag per TrainConfig field; unset flags stay absent so --config values can fill them."""
-    p = _Parser(prog="python -m kvjax.train", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m kvjax.train", description=__doc__.split("\n\n")[0],
                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="JSON or YAML file of the same keys (flags given here win)")
     for f in dataclasses.fields(config_cls):
