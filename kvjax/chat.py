@@ -130,7 +130,8 @@ class ChatSession:
             steps.close()
             self.is_warm.add(bucket_len(len(ids)))
 
-    def ask(self, question: str, out=sys.stdout) -> str:
+    def ask(self, question: str, out=None) -> str:
+        out = out or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
         from kvjax.prompts import encode_chat
 
         self.messages.append({"role": "user", "content": question})

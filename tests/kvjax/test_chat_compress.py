@@ -39,12 +39,14 @@ def test_compressed_chat_reports_bytes_and_time(home):
     assert proc.stdout.strip()
 
 
-def test_compressed_chat_with_checkpoint(home):
+def test_compressed_chat_with_checkpoint(home, capsys):
+    from kvjax.chat import main
+
     ckpt = demo_compressor(home, "ccm")
-    proc = run_chat("--question", "hello hello hello hello hello", "--max-new-tokens", "4",
-                    "--kv-compress-ckpt", str(ckpt), "--kv-compress-positions", "compressed", "--quiet", home=home)
-    assert proc.returncode == 0, proc.stderr
-    assert "UNTRAINED" not in proc.stderr
+    assert main(["--question", "hello hello hello hello hello", "--max-new-tokens", "4", "--kv-compress-ckpt",
+                 str(ckpt), "--kv-compress-positions", "compressed", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "UNTRAINED" not in captured.err
 
 
 @pytest.mark.parametrize("flags,message", [
