@@ -62,6 +62,8 @@ class KVCache:
         return dataclasses.replace(self, **changes)
 
     def used_bytes(self) -> np.ndarray:
-        """Bytes of K and V held in valid slots, per sequence [B] (host array; syncs)."""
-        per_slot = 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[4] * self.k.dtype.itemsize
+        """Bytes of K and V held in valid slots, per sequence [B] (host array; syncs). Counts every
+        leaf of k and v, so a quantized cache's scales are included (kvjax.quantization)."""
+        leaves = jax.tree.leaves((self.k, self.v))
+        per_slot = sum(leaf.size // (self.batch * self.max_len) * leaf.dtype.itemsize for leaf in leaves)
         return np.asarray(self.kv_len, np.int64) * per_slot

@@ -22,6 +22,7 @@ from flax import nnx
 from kvjax.cache import KVCache
 from kvjax.errors import KVJaxError
 from kvjax.presses import Press, compress_with_press
+from kvjax.quantization import Int8KV, quantize_cache
 from pallas_kernels.ccm_compress import CCMWeights, GroupMLP, ccm_compress, ccm_compress_reference
 
 IMAGE_MODES = ("image_mlp", "text_mlp", "keep")
@@ -187,7 +188,10 @@ def compress(cache: KVCache, compressor, image_len=None, *, rope_positions: str 
     (default: the compressor's own convention). image_len int32 [B] (default 0: all text).
     Dropout never applies here (inference); train with `apply_compression`.
     `compressor` may also be a press (kvjax.presses); press_options (observations=,
-    protect_image=) then go to `kvjax.presses.compress_with_press`."""
+    protect_image=) then go to `kvjax.presses.compress_with_press`. `kvjax.quantization.Int8KV()`
+    quantizes K/V to int8 instead (kv_len unchanged)."""
+    if isinstance(compressor, Int8KV):
+        return quantize_cache(cache, compressor)
     if isinstance(compressor, Press):
         return compress_with_press(cache, compressor, image_len, rope_positions=rope_positions, mode=mode,
                                    **press_options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax.quantization import QuantizedArray, read_layer
 from pallas_kernels._dispatch import kernel_mode
 from pallas_kernels.decode_attention import decode_attention
 
@@ -28,11 +29,11 @@ def cached_attention(
     (accumulating in float32 on accelerators) and the mask and softmax in float32.
     Passing the whole cache with `layer` lets the decode kernel read the layer in place."""
     batch, num_new, num_heads, head_dim = q.shape
-    if num_new == 1 and kernel_mode() != "reference":
+    if num_new == 1 and kernel_mode() != "reference" and not isinstance(k, QuantizedArray):
         # Decode on GPU: the ragged split-K kernel reads only visible slots. CPU keeps the code below.
         return decode_attention(q[:, 0], k, v, visible_len[:, 0], layer)[:, None]
-    if layer is not None:
-        k, v = k[layer], v[layer]
+    if layer is not None:  # an int8 cache is dequantized here (kvjax.quantization)
+        k, v = read_layer(k, layer), read_layer(v, layer)
     num_kv_heads, max_len = k.shape[1], k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, num_new, num_kv_heads, groups, head_dim)

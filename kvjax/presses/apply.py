@@ -18,6 +18,7 @@ from flax import nnx
 from kvjax.cache import KVCache
 from kvjax.errors import KVJaxError
 from kvjax.presses.base import PROTECTED, Press, PressInputs, ScorerPress, slot_index
+from kvjax.quantization import is_quantized
 from pallas_kernels.compact_kv import compact_kv
 
 ROPE_POSITIONS = ("original", "compressed")
@@ -69,6 +70,8 @@ def plan(cache: KVCache, press: Press, observations=None, image_len=None):
     """Host side of a press call: n_kept [L, B] by the press's Python rule, protect_first [B]."""
     if not isinstance(press, Press):
         raise KVJaxError(f"expected a press, got {type(press).__name__}")
+    if is_quantized(cache):
+        raise KVJaxError("presses score and compact a dense cache: apply the press first, then quantize")
     if press.uses_prefill and observations is None:
         raise KVJaxError(f"{type(press).__name__} reads queries/attention from the prefill: run "
                          "kvjax.presses.prefill(model, cache, tokens, press=...) and pass its observations=")
