@@ -80,17 +80,31 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_exits_2_with_one_line(case, home, broken_dirs, tmp_path):
+def test_bad_input_exits_2_with_one_line(case, home, broken_dirs, tmp_path, monkeypatch, capsys):
+    """In-process main() (what `python -m kvjax.chat` runs); the subprocess path is checked below."""
     import re
+
+    from kvjax.chat import main
 
     args, pattern = BAD_INPUTS[case]
     names = {k: str(v) for k, v in broken_dirs.items()} | {"root": str(tmp_path)}
-    args = [a.format(**names) for a in args]
-    proc = run_chat(*args, "--question", "hello, how are you today?", home=home)
-    lines = error_lines(proc)
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    monkeypatch.setenv("KVJAX_HOME", str(home))
+    try:
+        code = main([a.format(**names) for a in args] + ["--question", "hello, how are you today?"])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("kvjax:")]
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_bad_input_exit_code_from_the_command_line(home, tmp_path):
+    proc = run_chat("--model-dir", str(tmp_path / "nowhere"), "--question", "hi", home=home)
+    assert proc.returncode == 2 and error_lines(proc) == [
+        f"error: model directory {str(tmp_path / 'nowhere')!r} does not exist; pass a Hugging Face model directory"]
+    proc = run_chat("--top-k", "x", home=home)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "--top-k" in proc.stderr
 
 
 def test_multi_turn_session_keeps_the_conversation(home, monkeypatch):
