@@ -1,0 +1,204 @@
+"""Quality of a compressed KV cache: perplexity of a long text and agreement with the full cache.
+
+Methods are spelled as on `python -m kvjax.evaluate --methods`: `none`, `int8`, a press name with
+ratios (`knorm:0.25,0.5`), or `ccm:FACTOR` (a CCM compressor; untrained unless one is given).
+
+- `perplexity`: over sliding windows of the text, prefill `context_len` tokens, compress, then
+  score the next `continuation_len` tokens one decode step at a time (teacher forcing), as seed
+  004's evaluate_with_compression: PPL, next-token accuracy, TTFT (prefill + compress), TPOT.
+- `agreement`: per prompt, greedy-generate with the full cache, then feed the same tokens through
+  the compressed cache: top-1 agreement and KL(full || compressed) per generated token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache import KVCache
+from kvjax.compressors import compress
+from kvjax.errors import KVJaxError
+from kvjax.quantization import Int8KV
+from kvjax.steps import decode_step, prefill, split
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One point of a sweep: `label` names it, `ratio` is its nominal compression ratio (x axis)."""
+
+    label: str
+    family: str  # "none" | "int8" | "press" | "ccm"
+    ratio: float
+    method: Any = None  # the press, compressor or Int8KV passed to kvjax.compress
+
+
+def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: dict | None = None) -> list[Method]:
+    """['knorm:0.25,0.5', 'int8', 'ccm:5'] -> Methods. A `none` baseline is always first.
+    press_options go to every press that has a field of that name."""
+    from kvjax import presses
+
+    methods = [Method("none", "none", 0.0)]
+    for spec in specs:
+        name, _, args = spec.partition(":")
+        values = [a for a in args.split(",") if a] if args else []
+        if name == "none":
+            continue
+        if name == "int8":
+            methods.append(Method("int8", "int8", 0.0, Int8KV()))
+        elif name == "ccm":
+            from kvjax.compressor_checkpoint import compressor_for
+
+            for factor in values or [None]:
+                if factor is not None and not factor.isdigit():
+                    raise KVJaxError(f"ccm takes integer compression factors, e.g. ccm:5; got {spec!r}")
+                comp = compressor_for(model_cfg, ckpt=compressor_dir, compression_factor=factor and int(factor))
+                cf = comp.cfg.compression_factor
+                methods.append(Method(f"ccm:{cf}", "ccm", 1 - 1 / cf, comp))
+        elif name in presses.PRESSES:
+            if not values:
+                raise KVJaxError(f"press {name!r} needs compression ratios, e.g. {name}:0.25,0.5")
+            for value in values:
+                try:
+                    ratio = float(value)
+                except ValueError:
+                    raise KVJaxError(f"compression ratio {value!r} in {spec!r} is not a number") from None
+                fields = {f.name for f in dataclasses.fields(presses.PRESSES[name])}
+                options = {k: v for k, v in (press_options or {}).items() if k in fields}  # e.g. window_size
+                press = presses.get_press(name, compression_ratio=ratio, **options)
+                methods.append(Method(f"{name}:{value}", "press", ratio, press))
+        else:
+            known = ", ".join(["none", "int8", "ccm"] + presses.list_presses())
+            raise KVJaxError(f"unknown method {name!r} in --methods; choose from {known}")
+    return methods
+
+
+def prefill_compressed(model, cache: KVCache, tokens, lengths, method: Method):
+    """Prefill an empty cache with a padded prompt [B, T] and apply `method` -> (logits [B, V], cache)."""
+    if method.family == "press" and method.method.uses_prefill:
+        from kvjax.presses import prefill as press_prefill
+
+        logits, cache, observations = press_prefill(model, cache, tokens, lengths, press=method.method)
+        return logits, compress(cache, method.method, observations=observations)
+    logits, cache = prefill(model, cache, tokens, lengths)
+    return (logits, cache) if method.family == "none" else (logits, compress(cache, method.method))
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start
+
+
+def _forced_logits(model, cache, first_logits, tokens, timings=None) -> np.ndarray:
+    """Feed tokens [N] one decode step at a time after a prompt -> logits float32 [N, V] (row i
+    predicts tokens[i]; row 0 is the prefill's)."""
+    rows = [first_logits]
+    for token in tokens[:-1]:
+        (logits, cache), seconds = _timed(decode_step, model, cache, np.array([token], np.int32))
+        rows.append(logits)
+        if timings is not None:
+            timings.append(seconds)
+    return np.asarray(jnp.concatenate(rows, axis=0))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def perplexity(model, token_ids, method: Method, *, context_len: int, continuation_len: int,
+               num_windows: int = 1) -> dict:
+    """PPL / next-token accuracy of the text's continuations after a compressed context, with timings."""
+    parts = split(model)
+    window = context_len + continuation_len
+    if len(token_ids) < window:
+        raise KVJaxError(f"the text has {len(token_ids)} tokens, fewer than --context-len + --continuation-len "
+                         f"= {window}; use a longer text or smaller lengths")
+    starts = np.linspace(0, len(token_ids) - window, num_windows).astype(int)
+    nll, correct, ttft, tpot, kv_bytes = [], [], [], [], []
+    for start in starts:
+        ids = np.asarray(token_ids[start:start + window], np.int32)
+        cache = KVCache.for_model(parts.cfg, 1, window, model.dtype)
+        (logits, cache), seconds = _timed(prefill_compressed, parts, cache, ids[None, :context_len],
+                                          np.array([context_len], np.int32), method)
+        ttft.append(seconds)
+        kv_bytes.append(int(cache.used_bytes()[0]))
+        target = ids[context_len:]
+        logp = _log_softmax(_forced_logits(parts, cache, logits, target, tpot))
+        nll.extend(-logp[np.arange(len(target)), target])
+        correct.extend(logp.argmax(-1) == target)
+    return {"ppl": float(np.exp(np.mean(nll))), "nll": float(np.mean(nll)), "accuracy": float(np.mean(correct)),
+            "ttft_s": float(np.median(ttft)), "tpot_s": float(np.median(tpot)) if tpot else None,
+            "kv_bytes": int(np.mean(kv_bytes)), "num_scored": len(nll)}
+
+
+def agreement(model, prompts, method: Method, *, gen_len: int, reference: list | None = None) -> tuple[dict, list]:
+    """Top-1 agreement and KL(full || compressed) over `gen_len` greedy tokens per prompt (token id
+    lists). `reference` (from a previous call's second return value) skips the full-cache runs."""
+    parts = split(model)
+    width = max(len(p) for p in prompts)
+    max_len = width + gen_len
+    if reference is None:
+        reference = []
+        for prompt in prompts:
+            tokens, lengths = _padded(prompt, width)
+            logits, cache = prefill(parts, KVCache.for_model(parts.cfg, 1, max_len, model.dtype), tokens, lengths)
+            generated, rows = [], [np.asarray(logits)]
+            for _ in range(gen_len):
+                generated.append(int(rows[-1][0].argmax()))
+                logits, cache = decode_step(parts, cache, np.array(generated[-1:], np.int32))
+                rows.append(np.asarray(logits))
+            reference.append((generated, np.concatenate(rows[:-1])))
+    agree, kl = [], []
+    for prompt, (generated, ref_logits) in zip(prompts, reference):
+        tokens, lengths = _padded(prompt, width)
+        logits, cache = prefill_compressed(parts, KVCache.for_model(parts.cfg, 1, max_len, model.dtype),
+                                           tokens, lengths, method)
+        ours = _log_softmax(_forced_logits(parts, cache, logits, generated))
+        theirs = _log_softmax(ref_logits)
+        agree.extend(ours.argmax(-1) == theirs.argmax(-1))
+        kl.extend((np.exp(theirs) * (theirs - ours)).sum(-1))
+    return {"top1_agreement": float(np.mean(agree)), "kl": float(np.mean(kl)), "num_tokens": len(agree)}, reference
+
+
+def _padded(prompt, width):
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    return tokens, np.array([len(prompt)], np.int32)
+
+
+PLOTTED = (("ppl", "perplexity"), ("accuracy", "next-token accuracy"), ("top1_agreement", "top-1 agreement"),
+           ("kl", "KL(full || compressed)"))
+
+
+def plot(results: list[dict], path) -> None:
+    """One panel per metric, x = compression ratio, one line per method family/name; `none` dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KVJaxError("the plot needs matplotlib: pip install 'kvjax[eval]' (or pass --no-plot)") from None
+    lines: dict[str, list[dict]] = {}
+    for row in results:
+        lines.setdefault(row["method"].split(":")[0], []).append(row)
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4), constrained_layout=True)
+    for ax, (key, title) in zip(axes, PLOTTED):
+        for name, rows in lines.items():
+            if name == "none":
+                ax.axhline(rows[0][key], color="gray", linestyle="--", label="none (full cache)")
+                continue
+            rows = sorted(rows, key=lambda r: r["compression_ratio"])
+            ax.plot([r["compression_ratio"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("compression ratio")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,35 @@
+"""`python -m kvjax.evaluate` on the demo model: JSON and PNG written, baselines consistent, exit 2."""
+
+import json
+
+import pytest
+
+from kvjax import evaluate
+
+
+def test_evaluate_writes_json_and_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KVJAX_HOME", str(tmp_path / "home"))
+    out = tmp_path / "out"
+    code = evaluate.main(["--methods", "knorm:0.5", "snapkv:0.5", "int8", "--context-len", "32", "--press-option", "window_size=8",
+                          "--continuation-len", "4", "--num-windows", "1", "--num-prompts", "1", "--gen-len", "3",
+                          "--out-dir", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "results.json").read_text())
+    rows = {row["method"]: row for row in report["results"]}
+    assert list(rows) == ["none", "knorm:0.5", "snapkv:0.5", "int8"]
+    assert rows["none"]["top1_agreement"] == 1.0 and abs(rows["none"]["kl"]) < 1e-6
+    assert rows["knorm:0.5"]["kv_bytes_ratio"] == pytest.approx(0.5)
+    assert 0.6 < rows["int8"]["compression_ratio"] < 0.8  # int8 + a float32 scale per 32-dim row
+    for row in rows.values():
+        assert row["ppl"] > 1 and row["num_scored"] == 4 and row["num_tokens"] == 3 and row["ttft_s"] > 0
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [(["--methods", "bogus:0.5"], "unknown method 'bogus'"),
+                                           (["--methods", "knorm"], "needs compression ratios"),
+                                           (["--text", "/nonexistent.txt"], "cannot read the text")])
+def test_evaluate_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setenv("KVJAX_HOME", str(tmp_path / "home"))
+    assert evaluate.main([*argv, "--out-dir", str(tmp_path / "out"), "--quiet", "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
