@@ -87,3 +87,12 @@ def restore(out: pathlib.Path, template) -> tuple[object, dict]:
                          "resume with the same settings or start over with --overwrite")
     new_leaves = [jax.numpy.asarray(arrays[k], dtype=leaf.dtype) for k, leaf in zip(sorted(target), leaves)]
     return jax.tree.unflatten(treedef, new_leaves), dict(restored["record"])
+
+
+def trim_metrics(path: pathlib.Path, step: int) -> None:
+    """--resume: drop metrics lines written after checkpoint `step` (the resumed run writes them again)."""
+    import json  # noqa: PLC0415
+
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
+        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))

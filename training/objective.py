@@ -90,7 +90,8 @@ def reseeded(compressor_graphdef, params, rest, key):
                    donate_argnames=("params", "opt_state"))
 def train_step(params, opt_state, lr_scale, step, seed_key, rest, backbone_state, batch, *, optimizer,
                compressor_graphdef, backbone_graphdef, cfg: StepConfig):
-    """One optimizer (micro-)step -> (params, opt_state, metrics). lr_scale: the plateau factor."""
+    """One optimizer (micro-)step -> (params, opt_state, metrics). lr_scale: lr x the plateau factor
+    (the optimizer's Adam has unit lr; see training.trainer._optimizer)."""
     dropout_key = jax.random.fold_in(seed_key, step)
     rest = reseeded(compressor_graphdef, params, rest, dropout_key)
     (_, metrics), grads = loss_and_grads(params, compressor_graphdef, rest, backbone_graphdef, backbone_state,

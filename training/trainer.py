@@ -37,13 +37,15 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
 
 
 def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    return _optimizer(cfg.lr, cfg.clip_norm, cfg.accumulate)
+    return _optimizer(cfg.clip_norm, cfg.accumulate)
 
 
 @functools.lru_cache(maxsize=8)  # the optimizer is a static jit argument: same settings, same compiled step
-def _optimizer(lr: float, clip_norm: float, accumulate: int) -> optax.GradientTransformation:
-    """Adam after global-norm clipping; MultiSteps averages `accumulate` micro-batches per update."""
-    parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [optax.adam(lr)]
+def _optimizer(clip_norm: float, accumulate: int) -> optax.GradientTransformation:
+    """Adam (unit lr) after global-norm clipping; MultiSteps averages `accumulate` micro-batches per
+    update. Adam's step is linear in its lr, so train_step multiplies the updates by lr x the plateau
+    factor: the lr is an array, and runs with different lrs share one compiled step."""
+    parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [optax.adam(1.0)]
     optimizer = optax.chain(*parts)
     return optax.MultiSteps(optimizer, every_k_schedule=accumulate) if accumulate > 1 else optimizer
 
@@ -166,7 +168,7 @@ class Trainer:
     def _train_step(self, batch, step):
         s = self.state
         params, opt_state, metrics = train_step(
-            s["params"], s["opt_state"], s["plateau"].scale, jnp.int32(step), s["seed_key"], self.rest,
+            s["params"], s["opt_state"], s["plateau"].scale * jnp.float32(self.cfg.lr), jnp.int32(step), s["seed_key"], self.rest,
             self.backbone_state, batch, optimizer=self.optimizer, **self.statics)
         self.state = dict(s, params=params, opt_state=opt_state)
         return metrics
@@ -197,6 +199,7 @@ class Trainer:
         if cfg.resume:
             self.state, saved = checkpoints.restore(self.out, self.state)
             record.update({k: saved[k] for k in ("step", "epoch", "next_batch", "best_val_loss", "initial_val")})
+            checkpoints.trim_metrics(self.out / "metrics.jsonl", record["step"])
         else:
             record["initial_val"] = self.evaluate()
         steps_per_epoch = len(data.epoch_order(len(self.train_set), cfg.batch_size, 0, cfg.seed))

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from tests.kvjax.test_chat_cli import run_chat
 from tests.training.conftest import tiny_train_setup  # noqa: F401 (fixture)
 
 
@@ -81,17 +80,21 @@ def test_errors_after_loading_leave_out_dir_alone(tiny_train_setup, tmp_path, ca
 
 
 def test_train_from_yaml_then_chat_reads_the_compressor(tiny_train_setup, tmp_path, capsys):  # noqa: F811
+    from kvjax.chat import main as chat
     from kvjax.train import main
 
     out = tmp_path / "run"
-    (tmp_path / "c.yaml").write_text("epochs: 1\npositions: compressed\nmax-examples: 10\n")
-    assert main(["--config", str(tmp_path / "c.yaml"), *tiny_flags(tiny_train_setup, out)]) == 0
+    # the yaml sets the compression factor (default 5) and the shared run's accumulate (one compiled step)
+    (tmp_path / "c.yaml").write_text("epochs: 1\ncompression-factor: 4\naccumulate: 2\nmax-examples: 10\n")
+    flags = [f for f in tiny_flags(tiny_train_setup, out)]
+    del flags[flags.index("--compression-factor"):flags.index("--compression-factor") + 2]
+    assert main(["--config", str(tmp_path / "c.yaml"), *flags]) == 0
     assert capsys.readouterr().out.strip() == str(out / "compressor")
     meta = json.loads((out / "compressor" / "compressor.json").read_text())
-    assert meta["config"]["rope_positions"] == "compressed" and meta["config"]["compression_factor"] == 4
+    assert meta["config"]["compression_factor"] == 4
     assert [json.loads(line)["split"] for line in (out / "metrics.jsonl").read_text().splitlines()] == ["train",
                                                                                                          "train", "val"]
-    model_dir, _, home = tiny_train_setup
-    proc = run_chat("--model-dir", str(model_dir), "--question", "Continue the story: the harbour town woke",
-                    "--max-new-tokens", "3", "--kv-compress-ckpt", str(out / "compressor"), "--quiet", home=home)
-    assert proc.returncode == 0, proc.stderr
+    model_dir, _, _ = tiny_train_setup  # KVJAX_HOME is the fixture's
+    assert chat(["--model-dir", str(model_dir), "--question", "Continue the story: the harbour town woke",
+                 "--max-new-tokens", "3", "--kv-compress-ckpt", str(out / "compressor"), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -1,4 +1,5 @@
-"""Training lowers held-out KL; kill-and-resume is bitwise exact; bad data gives one clear error."""
+"""Training lowers held-out KL and trains every compressor layer (and no backbone weight);
+kill-and-resume is bitwise exact, metrics included; bad data gives one clear error."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from flax import nnx
 
 from kvjax.errors import KVJaxError
-from tests.training.conftest import tiny_config
+from tests.training.conftest import SHARED, assert_every_layer_moved, tiny_config
 
 
 def _params(path):
@@ -17,38 +18,39 @@ def _params(path):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_compressor(path), nnx.Param)))
 
 
-def test_training_lowers_validation_kl(tiny_train_setup, tmp_path):
-    from training.trainer import Trainer
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    model_dir, data_path, _ = tiny_train_setup
-    out = tmp_path / "run"
-    trainer = Trainer(tiny_config(model_dir, data_path, out, epochs=6, lr=3e-3))
-    backbone = jax.tree.map(np.array, trainer.backbone_state)
-    start = jax.tree.map(np.array, trainer.state["params"])
-    summary = trainer.run()
-    jax.tree.map(np.testing.assert_array_equal, backbone, jax.tree.map(np.array, trainer.backbone_state))
-    moved = jax.tree.map(lambda a, b: bool((a != np.asarray(b)).any()), start, trainer.state["params"])
-    assert all(jax.tree.leaves(moved))  # every compressor weight trained, no backbone weight changed
+
+def test_training_lowers_validation_kl(trained_run):
+    run, trainer = trained_run, trained_run["trainer"]
+    summary, out = run["summary"], run["out"]
+    jax.tree.map(np.testing.assert_array_equal, run["backbone"], jax.tree.map(np.array, trainer.backbone_state))
+    # every layer of every compressor weight trained (so its gradient reached it); no backbone weight changed
+    assert_every_layer_moved(run["start"], _params(out / "compressor"))
     fresh, trained = summary["initial_val"]["kl"], summary["final_val"]["kl"]
-    assert summary["steps"] == 30
+    assert summary["steps"] == 5 * SHARED["epochs"]
     assert trained < 0.6 * fresh, (fresh, trained)  # held-out KL: trained vs the freshly initialised compressor
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum(line["split"] == "val" for line in lines) == 6 and lines[-1]["split"] == "val"
+    lines = _metrics(out)
+    assert sum(line["split"] == "val" for line in lines) == SHARED["epochs"] and lines[-1]["split"] == "val"
     assert (out / "best" / "compressor.json").exists() and (out / "compressor" / "compressor.json").exists()
     assert summary["examples_per_s"] > 0 and summary["num_compiled_shapes"] == 1
 
 
-def test_kill_and_resume_is_bitwise_equal(tiny_train_setup, tmp_path):
+def test_kill_and_resume_is_bitwise_equal(trained_run, tiny_train_setup, tmp_path):
     from training.trainer import train
 
     model_dir, data_path, _ = tiny_train_setup
-    settings = dict(epochs=2, accumulate=2, max_examples=12)
-    train(tiny_config(model_dir, data_path, tmp_path / "full", **settings))
-    assert train(tiny_config(model_dir, data_path, tmp_path / "cut", stop_after=3, **settings)) == {"stopped_at": 3}
-    assert not (tmp_path / "cut" / "compressor").exists()
-    train(tiny_config(model_dir, data_path, tmp_path / "cut", resume=True, **settings))
-    jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "full" / "compressor"),
-                 _params(tmp_path / "cut" / "compressor"))
+    cut = tmp_path / "cut"
+    # stopped mid-accumulation (micro-step 3 of updates of 2), like a kill right after a checkpoint
+    assert train(tiny_config(model_dir, data_path, cut, stop_after=3, **SHARED)) == {"stopped_at": 3}
+    assert not (cut / "compressor").exists()
+    with open(cut / "metrics.jsonl", "a") as f:  # a killed run may have logged past its last checkpoint
+        f.write(json.dumps({"split": "train", "step": 4, "epoch": 0, "loss": 1.0}) + "\n")
+    train(tiny_config(model_dir, data_path, cut, resume=True, **SHARED))
+    full = trained_run["out"]
+    jax.tree.map(np.testing.assert_array_equal, _params(full / "compressor"), _params(cut / "compressor"))
+    assert _metrics(cut) == _metrics(full)  # no duplicate or stale lines after the resume
 
 
 @pytest.mark.parametrize("content,message", [
