@@ -10,9 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.quantization import QuantizedArray, read_layer
+from kvjax.quantization import QuantizedArray, read_layer, store
 from pallas_kernels._dispatch import kernel_mode
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.paged_attention import PagedKV, paged_attention
 
 # Large finite negative, so a fully masked row never produces NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -27,8 +28,13 @@ def cached_attention(
 ) -> jax.Array:  # [B, T, Hq, D]
     """GQA softmax attention. As in HF's eager attention, the two matmuls run in the input dtype
     (accumulating in float32 on accelerators) and the mask and softmax in float32.
-    Passing the whole cache with `layer` lets the decode kernel read the layer in place."""
+    Passing the whole cache with `layer` lets the decode kernel read the layer in place.
+    k, v may be `PagedKV` views (inference/'s paged cache): decode reads through the page table."""
     batch, num_new, num_heads, head_dim = q.shape
+    if isinstance(k, PagedKV):
+        if num_new == 1:
+            return paged_attention(q[:, 0], k.pages, v.pages, k.page_table, visible_len[:, 0], layer)[:, None]
+        k, v, layer = k.read_layer(layer), v.read_layer(layer), None  # prefill: dense view of the pages
     if num_new == 1 and kernel_mode() != "reference" and not isinstance(k, QuantizedArray):
         # Decode on GPU: the ragged split-K kernel reads only visible slots. CPU keeps the code below.
         return decode_attention(q[:, 0], k, v, visible_len[:, 0], layer)[:, None]
@@ -44,3 +50,11 @@ def cached_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgts,bhsd->bthgd", probs, v)
     return out.reshape(batch, num_new, num_heads, head_dim)
+
+
+def store_kv(cache_x, layer: int, rows, slots, new: jax.Array):
+    """Write new [B, T, Hkv, D] at `slots` int32 [B, T] of layer `layer` (slot max_len = dropped):
+    into the dense or int8 cache (kvjax.quantization.store) or through a PagedKV's page table."""
+    if isinstance(cache_x, PagedKV):
+        return cache_x.write(layer, slots, new)
+    return store(cache_x, layer, rows, slots, new)

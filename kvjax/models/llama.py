@@ -12,9 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kvjax.config import ModelConfig
-from kvjax.models.attention import cached_attention
+from kvjax.models.attention import cached_attention, store_kv
 from kvjax.models.layers import RMSNorm, apply_rope, rope_frequencies
-from kvjax.quantization import store
 
 
 def _linear(n_in, n_out, *, bias, dtype, rngs):
@@ -49,8 +48,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq, scale)
         k = apply_rope(k, positions, inv_freq, scale)
         rows = jnp.arange(batch)[:, None]
-        cache_k = store(cache_k, layer, rows, write_slots, k)  # quantizes if the cache is int8
-        cache_v = store(cache_v, layer, rows, write_slots, v)
+        cache_k = store_kv(cache_k, layer, rows, write_slots, k)  # quantizes an int8 cache; pages a PagedKV
+        cache_v = store_kv(cache_v, layer, rows, write_slots, v)
         out = cached_attention(q, cache_k, cache_v, visible_len, layer)
         return self.o_proj(out.reshape(batch, num_new, -1)), cache_k, cache_v
 

@@ -1,0 +1,171 @@
+"""The serving engine: `Engine(model_dir or model).generate(requests)` -> texts, tokens, metrics.
+
+`step()` is schedule -> run -> postprocess (nano-vllm's split): the scheduler (pure Python) picks a
+prefill, compress or decode batch; the runner runs it on the paged cache; postprocess appends
+tokens, finishes sequences (EOS, max_new_tokens, full) and returns their pages. Greedy outputs
+equal `kvjax.generate` (and prefill + `kvjax.compress` + `kvjax.generate_from`) per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+
+import kvjax
+from inference.paged_cache import PageAllocator, PagedKVCache, compress_slots
+from inference.runner import Runner, bucket
+from inference.scheduler import Batch, Phase, Request, Scheduler, Sequence
+from kvjax.errors import KVJaxError
+
+
+@dataclasses.dataclass
+class Result:
+    request_id: int
+    token_ids: list[int]
+    text: str | None
+    ttft_s: float  # arrival -> first token
+    tpot_s: float  # mean time per output token after the first
+    latency_s: float  # arrival -> last token
+    num_preempted: int
+    compressed_len: int | None  # kv_len after compression
+
+
+class Engine:
+    """page_size: slots per page; num_pages: the pool (default: max_num_seqs full sequences);
+    max_model_len: slots one sequence may hold; *_batch_size: FastCache's three stage sizes;
+    check_invariants: verify the allocator after every step (tests)."""
+
+    def __init__(self, model, *, tokenizer=None, dtype: str = "float32", page_size: int = 16,
+                 num_pages: int | None = None, max_num_seqs: int = 32, max_model_len: int = 1024,
+                 prefill_batch_size: int = 4, compress_batch_size: int = 8, decoding_batch_size: int = 32,
+                 max_prefill_tokens: int = 1 << 30, eos_ids=None, seed: int = 0, check_invariants: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):
+        if not isinstance(model, kvjax.SplitModel) and not hasattr(model, "cfg"):  # a model directory
+            model, tokenizer, _ = kvjax.load(model, dtype=dtype)
+        self.parts = kvjax.split(model)
+        self.tokenizer = tokenizer
+        cfg = self.parts.cfg
+        max_pages_per_seq = -(-max_model_len // page_size)
+        num_pages = num_pages or max_num_seqs * max_pages_per_seq
+        self.allocator = PageAllocator(num_pages, max_num_seqs, page_size)
+        dtype = jax.tree.leaves(self.parts.state)[0].dtype  # the cache holds the model's dtype
+        cache = PagedKVCache.for_model(cfg, num_pages, page_size, max_num_seqs, dtype)
+        self.runner = Runner(self.parts, cache, self.allocator, max_pages_per_seq, seed)
+        self.scheduler = Scheduler(self.allocator, max_pages_per_seq=max_pages_per_seq,
+                                   prefill_batch_size=prefill_batch_size, compress_batch_size=compress_batch_size,
+                                   decoding_batch_size=decoding_batch_size, max_prefill_tokens=max_prefill_tokens)
+        self.capacity = max_pages_per_seq * page_size
+        self.eos_ids = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+        self.check_invariants, self.clock = check_invariants, clock
+        self.num_requests = 0
+        self.finished: list[Sequence] = []
+        self.stats = {"steps": {"prefill": 0, "compress": 0, "decode": 0}, "pages_freed_by_compression": 0,
+                      "max_running": 0}
+
+    def add_request(self, request: Request) -> int:
+        """Queue a request now; returns its id."""
+        if request.max_new_tokens <= 0:
+            raise KVJaxError(f"max_new_tokens must be > 0, got {request.max_new_tokens}")
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise KVJaxError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
+            prompt = self.tokenizer.encode(prompt)
+        seq = Sequence(self.num_requests, request, [int(t) for t in prompt])
+        if not seq.prompt_ids:
+            raise KVJaxError(f"request {seq.request_id}: empty prompt")
+        seq.times["arrival"] = self.clock()
+        self.scheduler.add(seq)
+        self.num_requests += 1
+        return seq.request_id
+
+    def step(self) -> list[Sequence]:
+        """One scheduled batch; returns the sequences that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        self.stats["steps"][batch.kind] += 1
+        finished = getattr(self, f"_run_{batch.kind}")(batch)
+        self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
+        if self.check_invariants:
+            self.allocator.check({s.slot: s.kv_len for s in self.scheduler.running})
+        return finished
+
+    def _run_prefill(self, batch: Batch):
+        groups: dict[Any, list[Sequence]] = {}
+        for seq in batch.seqs:
+            groups.setdefault(seq.request.sampling, []).append(seq)  # sampling is a static jit argument
+        for sampling, seqs in groups.items():
+            tokens = self.runner.prefill([s.slot for s in seqs], [s.prompt_ids for s in seqs], sampling,
+                                         self.scheduler.prefill_batch_size)
+            self.scheduler.after_prefill(Batch("prefill", tuple(seqs)), tokens)
+        now = self.clock()
+        for seq in batch.seqs:
+            seq.times.setdefault("first_token", now)
+        return self._postprocess(batch.seqs, now)
+
+    def _run_compress(self, batch: Batch):
+        first = batch.seqs[0].request
+        slots = [s.slot for s in batch.seqs]
+        width = bucket(max(len(self.allocator.pages[s]) for s in slots), self.runner.max_pages_per_seq)
+        before = self.allocator.num_free
+        self.runner.cache, new_lens = compress_slots(
+            self.runner.cache, self.allocator, slots, first.compression, [s.request.image_len for s in batch.seqs],
+            width=width, batch=bucket(len(slots), self.scheduler.compress_batch_size),
+            rope_positions=first.rope_positions)
+        self.stats["pages_freed_by_compression"] += self.allocator.num_free - before
+        self.scheduler.after_compress(batch, new_lens)
+        for seq, length in zip(batch.seqs, new_lens):
+            seq.times["compressed_len"] = length
+        return self._postprocess(batch.seqs, self.clock())
+
+    def _run_decode(self, batch: Batch):
+        seqs = batch.seqs
+        tokens = self.runner.decode([s.slot for s in seqs], [s.next_token for s in seqs], [s.kv_len for s in seqs],
+                                    seqs[0].request.sampling, self.scheduler.decoding_batch_size)
+        self.scheduler.after_decode(batch, tokens)
+        return self._postprocess(seqs, self.clock())
+
+    def _postprocess(self, seqs, now: float) -> list[Sequence]:
+        """Finish sequences that sampled EOS, reached max_new_tokens or filled their slots (as generate)."""
+        done = []
+        for seq in seqs:
+            if seq.phase is not Phase.WAITING and (seq.is_done or seq.next_token in self.eos_ids
+                                               or seq.kv_len >= self.capacity):
+                seq.times["finish"] = now
+                self.scheduler.finish(seq)
+                self.finished.append(seq)
+                done.append(seq)
+        return done
+
+    def generate(self, requests: list[Request], *, progress: Callable[[int], None] | None = None) -> list[Result]:
+        """Run requests to completion; each enters the queue at its arrival_s after the start.
+        Results come back in request order."""
+        start, first_id = self.clock(), self.num_requests
+        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+        ids: dict[int, int] = {}
+        pending = list(order)
+        while pending or self.scheduler.has_work:
+            elapsed = self.clock() - start
+            while pending and requests[pending[0]].arrival_s <= elapsed:
+                index = pending.pop(0)
+                ids[index] = self.add_request(requests[index])
+            if not self.scheduler.has_work:  # idle until the next arrival
+                time.sleep(max(0.0, min(requests[pending[0]].arrival_s - elapsed, 0.05)))
+                continue
+            finished = self.step()
+            if progress is not None and finished:
+                progress(len(finished))
+        by_id = {seq.request_id: seq for seq in self.finished if seq.request_id >= first_id}
+        return [self._result(by_id[ids[i]]) for i in range(len(requests))]
+
+    def _result(self, seq: Sequence) -> Result:
+        t = seq.times
+        num = len(seq.output)
+        text = self.tokenizer.decode(seq.output) if self.tokenizer is not None else None
+        return Result(seq.request_id, list(seq.output), text, t["first_token"] - t["arrival"],
+                      (t["finish"] - t["first_token"]) / max(num - 1, 1), t["finish"] - t["arrival"],
+                      seq.num_preempted, t.get("compressed_len"))
