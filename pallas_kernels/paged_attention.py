@@ -3,9 +3,12 @@
 The pool is `pages [L, P, Hkv, page_size, D]` (or one layer, [P, Hkv, page_size, D]); sequence b
 owns pages page_table[b, :], in order, so its slot s lives at page page_table[b, s // page_size],
 offset s % page_size. Only slots [0, kv_len[b]) are read: table entries past a sequence's pages
-may name any page (they are masked), and the cost follows the table width the caller passes, so
-a serving engine passes the narrowest bucket that covers the batch (compressed sequences own
-fewer pages, hence a narrower table and less work).
+may name any page, NaN-filled ones included. The reference gathers the whole table (its cost
+follows the table width, so a serving engine passes the narrowest bucket covering the batch); the
+Pallas kernel (split-K flash decoding, one program per sequence, KV head and split) looks each page
+up in the table inside the kernel and walks only the sequence's valid pages, so its cost follows
+kv_len and a compressed sequence costs less. It reads the pool in place (with `layer`, the whole
+[L, P, Hkv, page_size, D] pool is passed and layer l read without a copy).
 
 `PagedKV` is the paged cache as the model sees it (kvjax.models.attention dispatches on it): the
 pool plus the batch's page table, an explicit attention-metadata pytree.
@@ -14,14 +17,20 @@ pool plus the batch's page table, an explicit attention-metadata pytree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 
-from pallas_kernels._dispatch import kernel_mode
+from pallas_kernels import _compat
+from pallas_kernels._dispatch import fall_back, kernel_mode
 
 # Large finite negative (never -inf), so masked scores and empty rows stay NaN-free.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MIN_DOT = 16  # Triton's smallest dot dimension
+_TARGET_PROGRAMS = 512  # enough (sequence, head, split) programs to fill an H100/H200 a few times over
 
 
 @jax.tree_util.register_dataclass
@@ -93,9 +102,156 @@ def paged_attention_reference(
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PagedAttentionBlocks:
+    """Tiling knobs. One inner step reads one page (page_size slots). num_splits: programs sharing
+    one (sequence, KV head); None picks enough to fill the GPU."""
+
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def unsupported_reason(q_shape, pages_shape) -> str | None:
+    """Why the Pallas kernel cannot take these shapes (the dispatcher then uses the reference)."""
+    head_dim, page_size = q_shape[-1], pages_shape[-2]
+    if not _compat.is_power_of_2(head_dim) or head_dim < _MIN_DOT:
+        return f"head_dim {head_dim} is not a power of two >= {_MIN_DOT}"
+    if not _compat.is_power_of_2(page_size) or page_size < _MIN_DOT:
+        return f"page_size {page_size} is not a power of two >= {_MIN_DOT}"
+    return None
+
+
+def _paged_kernel(kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, num_splits, scale):
+    """One (sequence, KV head, split): all of the head's query rows over the split's share of the
+    sequence's valid pages, each page found through the table row.
+
+    kv_len_ref []; table_ref [W]; q_ref [Hp, D]; k_ref, v_ref [P, page_size, D] (this KV head of the
+    whole pool); o_ref [Hp, D] f32 (unnormalised); m_ref, l_ref [Hp] f32 (for the split combine)."""
+    split = pl.program_id(2)
+    kv_len = kv_len_ref[()]
+    page_size = k_ref.shape[-2]
+    num_valid = pl.cdiv(kv_len, page_size)  # pages holding slots [0, kv_len): the only ones read
+    per_split = pl.cdiv(num_valid, num_splits)
+    first = split * per_split
+    last = jnp.minimum(first + per_split, num_valid)
+    q = q_ref[...]
+    rows = q.shape[0]
+
+    def step(index, carry):
+        o, m, l = carry
+        page = table_ref[index]
+        valid = index * page_size + lax.broadcasted_iota(jnp.int32, (page_size,), 0) < kv_len  # last page: partial
+        scores = _compat.dot(q, k_ref[page, :, :], trans_b=True) * scale  # [Hp, ps]
+        scores = jnp.where(valid[None, :], scores, MASK_VALUE)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.exp(scores - m_new[:, None])
+        v = v_ref[page, :, :]
+        v = jnp.where(valid[:, None], v, jnp.zeros((), v.dtype))  # 0 * NaN tail would be NaN
+        o = o * correction[:, None] + _compat.dot(p.astype(v.dtype), v)
+        return o, m_new, l * correction + p.sum(axis=1)
+
+    init = (jnp.zeros((rows, q.shape[1]), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, m, l = lax.fori_loop(first, last, step, init)  # an empty range leaves m = MASK, l = 0
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def paged_attention_pallas(
+    q: jax.Array,  # [B, Hq, D]
+    k_pages: jax.Array,  # [P, Hkv, page_size, D], or [L, P, Hkv, page_size, D] with `layer`
+    v_pages: jax.Array,  # same as k_pages
+    page_table: jax.Array,  # int32 [B, W]
+    kv_len: jax.Array,  # int32 [B]: kv_len <= W * page_size
+    layer: int | None = None,  # given: the pool has a layer axis and layer `layer` is read in place
+    *,
+    num_splits: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [B, Hq, D], q.dtype
+    """Split-K paged flash decoding; one program per (sequence, KV head, split) walking only the
+    sequence's valid pages, the group's query heads padded to >= 16 rows for the tensor-core dot,
+    partial results merged by log-sum-exp."""
+    return _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer,
+                                   PagedAttentionBlocks(num_splits), interpret)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, blocks: PagedAttentionBlocks,
+                            interpret: bool):
+    batch, num_heads, head_dim = q.shape
+    num_pages, num_kv_heads, page_size = k_pages.shape[-4], k_pages.shape[-3], k_pages.shape[-2]
+    width = page_table.shape[1]
+    if (k_pages.shape != v_pages.shape or k_pages.ndim != (4 if layer is None else 5)
+            or k_pages.shape[-1] != head_dim or num_heads % num_kv_heads or page_table.shape[0] != batch
+            or kv_len.shape != (batch,)):
+        raise ValueError(f"paged_attention: q {q.shape}, table {page_table.shape}, kv_len {kv_len.shape} "
+                         f"do not fit k_pages {k_pages.shape} / v_pages {v_pages.shape}")
+    reason = unsupported_reason(q.shape, k_pages.shape)
+    if reason:
+        raise ValueError(f"paged_attention_pallas: {reason}; use paged_attention (falls back)")
+    _compat.quiet_triton_deprecation()
+    num_splits = blocks.num_splits or min(width, 16, pl.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads))
+    num_splits = max(1, min(num_splits, width))
+    group = num_heads // num_kv_heads
+    rows = max(_MIN_DOT, pl.next_power_of_2(group))
+    qg = q.reshape(batch, num_kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+
+    grid = (batch, num_kv_heads, num_splits)
+    if layer is None:  # the program sees its KV head of every page: [P, page_size, D]
+        pool_spec = pl.BlockSpec((num_pages, None, page_size, head_dim), lambda b, h, s: (0, h, 0, 0))
+    else:
+        pool_spec = pl.BlockSpec((None, num_pages, None, page_size, head_dim),
+                                 lambda b, h, s: (layer, 0, h, 0, 0))
+    stat_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))
+    stat_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32)
+    kernel = functools.partial(_paged_kernel, num_splits=num_splits, scale=head_dim ** -0.5)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None,), lambda b, h, s: (b,)),
+            pl.BlockSpec((None, width), lambda b, h, s: (b, 0)),
+            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            pool_spec,
+            pool_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            stat_spec,
+            stat_spec,
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
+            stat_shape,
+            stat_shape,
+        ],
+        compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="kvjax_paged_attention",
+    )(kv_len.astype(jnp.int32), page_table.astype(jnp.int32), qg, k_pages, v_pages)
+
+    # Log-sum-exp merge of the splits; an empty split has l = 0 and weight exp(MASK - max) = 0.
+    m_max = m.max(axis=2, keepdims=True)
+    weight = jnp.exp(m - m_max)  # [B, Hkv, ns, Hp]
+    denom = (l * weight).sum(axis=2)
+    out = (o * weight[..., None]).sum(axis=2)
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # kv_len 0: every split empty -> zeros
+    return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
 def paged_attention(q, k_pages, v_pages, page_table, kv_len, layer: int | None = None, *,
                     mode: str | None = None):
-    """Dispatcher. Only the reference exists so far: every mode runs it (see the module docstring
-    of inference/ for the planned kernel)."""
-    kernel_mode(mode)  # validates `mode` / $KVJAX_KERNELS
-    return paged_attention_reference(q, k_pages, v_pages, page_table, kv_len, layer)
+    """Dispatcher: Pallas on GPU, the reference on CPU; `mode` or $KVJAX_KERNELS overrides, and
+    shapes the kernel cannot take use the reference with a one-time warning."""
+    mode = kernel_mode(mode)
+    if mode != "reference":
+        reason = unsupported_reason(q.shape, k_pages.shape)
+        if reason:
+            mode = fall_back("paged_attention", reason)
+    if mode == "reference":
+        return paged_attention_reference(q, k_pages, v_pages, page_table, kv_len, layer)
+    return paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, interpret=mode == "interpret")

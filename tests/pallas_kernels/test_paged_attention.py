@@ -1,14 +1,24 @@
-"""paged_attention against the dense decode-attention reference (pages rebuilt from dense K/V)."""
+"""paged_attention: the reference against the dense decode-attention reference (pages rebuilt from
+dense K/V), and the Pallas kernel (interpreted on CPU) against the reference over shuffled,
+NaN-poisoned pools."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _dispatch
+from pallas_kernels import paged_attention as paged_module
 from pallas_kernels.decode_attention import decode_attention_reference
-from pallas_kernels.paged_attention import PagedKV, gather_pages, paged_attention, paged_attention_reference
+from pallas_kernels.paged_attention import (PagedKV, gather_pages, paged_attention, paged_attention_pallas,
+                                            paged_attention_reference)
+from tests.pallas_kernels._util import assert_close, fast_jit, normal
+
+reference = fast_jit(paged_attention_reference, static_argnums=5)
 
 
 def _paged(dense, page_size, num_pages, rng):
@@ -37,7 +47,7 @@ def test_equals_dense_reference(page_size):
     k_pool, table = _paged(k, page_size, num_pages, np.random.default_rng(1))
     v_pool, _ = _paged(v, page_size, num_pages, np.random.default_rng(1))  # same permutation: same table
     want = decode_attention_reference(q, k, v, kv_len)
-    got = paged_attention(q, k_pool, v_pool, table, kv_len)
+    got = paged_attention(q, k_pool, v_pool, table, kv_len, mode="reference")
     assert not np.isnan(np.asarray(got)).any()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # With a layer axis, read in place.
@@ -59,3 +69,89 @@ def test_write_then_gather_roundtrip():
     np.testing.assert_array_equal(dense[0, :, 4], new[0, 1])
     assert float(jnp.abs(out.pages).sum()) == pytest.approx(float(jnp.abs(new[:, :2]).sum()), rel=1e-6)
     assert jax.tree.structure(out) == jax.tree.structure(view)
+
+
+def _pool(rng, num_pages, num_kv_heads, page_size, head_dim, dtype, kv_len, width, num_layers=None):
+    """A shuffled pool and table for kv_len [B]: each row owns random distinct pages; every slot a
+    row does not own for its kv_len (unused pages, a last page's tail, other layers) is NaN, and
+    table entries past a row's pages name random (NaN) pages. (k, v, table)"""
+    batch = len(kv_len)
+    table = rng.permutation(num_pages)[:batch * width].reshape(batch, width).astype(np.int32)
+    shape = (num_pages, num_kv_heads, page_size, head_dim)
+    k, v = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    for row, length in enumerate(kv_len):
+        for index in range(-(-int(length) // page_size)):
+            n = min(page_size, int(length) - index * page_size)
+            page = table[row, index]
+            k[page, :, :n] = normal(rng, (num_kv_heads, n, head_dim))
+            v[page, :, :n] = normal(rng, (num_kv_heads, n, head_dim))
+    if num_layers is not None:  # the data in the last layer; the others all NaN
+        k = np.stack([np.full(shape, np.nan, np.float32)] * (num_layers - 1) + [k])
+        v = np.stack([np.full(shape, np.nan, np.float32)] * (num_layers - 1) + [v])
+    return jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(table)
+
+
+# (batch, kv heads, group, head_dim, page_size, table width W, pool pages, dtype, num_splits, layers,
+#  kv_len or None = random). Lengths cover 0, 1, page-1, page+1 and full (W * page_size); GQA 1/2/4;
+# splits cover default, uneven, more than the pages; a layer axis read in place.
+CASES = [
+    (4, 2, 2, 16, 16, 4, 24, jnp.float32, None, None, [0, 15, 17, 64]),
+    (3, 1, 4, 32, 16, 5, 20, jnp.bfloat16, 2, 3, [80, 1, 33]),
+    (2, 4, 1, 64, 32, 3, 9, jnp.float16, 5, None, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}g{}d{}ps{}w{}".format(*c[:6]))
+def test_pallas_equals_reference(case):
+    batch, num_kv_heads, group, head_dim, page_size, width, num_pages, dtype, num_splits, num_layers, lengths = case
+    layer = None if num_layers is None else num_layers - 1
+    pallas = fast_jit(functools.partial(paged_attention_pallas, num_splits=num_splits, interpret=True),
+                      static_argnums=5)
+    for seed in range(2):  # a seeded sweep over one compiled shape
+        rng = np.random.default_rng([seed, *case[:7]])
+        kv_len = np.asarray(lengths if lengths is not None and seed == 0
+                            else rng.integers(0, width * page_size + 1, batch), np.int32)
+        k, v, table = _pool(rng, num_pages, num_kv_heads, page_size, head_dim, dtype, kv_len, width, num_layers)
+        q = jnp.asarray(normal(rng, (batch, num_kv_heads * group, head_dim), dtype))
+        out = pallas(q, k, v, table, jnp.asarray(kv_len), layer)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert_close(out, reference(q, k, v, table, jnp.asarray(kv_len), layer), dtype)
+        assert not np.asarray(out[kv_len == 0], np.float32).any(), "kv_len 0 must give zeros"
+
+
+def test_dispatcher_modes_and_fallback():
+    rng = np.random.default_rng(3)
+    kv_len = np.asarray([5, 7], np.int32)
+    k, v, table = _pool(rng, 6, 2, 4, 16, jnp.float32, kv_len, 2)  # page_size 4: too small for Triton
+    q = jnp.asarray(normal(rng, (2, 4, 16)))
+    reason = "page_size 4 is not a power of two >= 16"
+    _dispatch._warned.discard(("paged_attention", reason))
+    with pytest.warns(UserWarning, match="paged_attention: using the jnp reference"):
+        out = fast_jit(functools.partial(paged_attention, mode="pallas"))(q, k, v, table, jnp.asarray(kv_len))
+    np.testing.assert_array_equal(out, reference(q, k, v, table, jnp.asarray(kv_len)))
+    with pytest.raises(ValueError, match="page_size 4"):
+        paged_attention_pallas(q, k, v, table, jnp.asarray(kv_len), interpret=True)
+
+
+def test_cached_attention_sends_paged_decode_to_the_kernel(monkeypatch):
+    # A PagedKV decode goes through the paged dispatcher: the reference on CPU, Pallas when the
+    # mode says so (as on GPU), with the same result either way.
+    from kvjax.models.attention import cached_attention
+
+    rng = np.random.default_rng(5)
+    kv_len = np.asarray([1, 30, 48], np.int32)
+    k, v, table = _pool(rng, 12, 2, 16, 32, jnp.float32, kv_len, 3, num_layers=2)
+    q = jnp.asarray(normal(rng, (3, 1, 4, 32)))
+    calls = []
+    kernel = paged_module.paged_attention_pallas
+    monkeypatch.setattr(paged_module, "paged_attention_pallas", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+
+    def attend(q, k, v, table, visible):
+        return cached_attention(q, PagedKV(k, table), PagedKV(v, table), visible, 1)
+
+    visible = jnp.asarray(kv_len)[:, None]
+    expected = fast_jit(attend)(q, k, v, table, visible)  # CPU default: the reference
+    assert not calls
+    monkeypatch.setenv("KVJAX_KERNELS", "interpret")  # read at trace time, so trace anew
+    assert_close(fast_jit(lambda *a: attend(*a))(q, k, v, table, visible), expected, jnp.float32)
+    assert calls
