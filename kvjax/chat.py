@@ -7,11 +7,10 @@ print one `error: ...` line and exit 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-from kvjax.cli import Parser, non_negative_int, positive_int
+from kvjax.cli import Parser, non_negative_int, positive_int, run_cli
 from kvjax.errors import KVJaxError
 
 
@@ -263,16 +262,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    # transformers advises installing PyTorch when it is absent; kvjax runs on JAX alone.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KVJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

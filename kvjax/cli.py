@@ -4,7 +4,11 @@ line and exit 2 (like every other user error), and integer argparse types with c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Callable
+
+from kvjax.errors import KVJaxError
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,3 +31,16 @@ def int_at_least(low: int):
 
 
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run a command's body: a KVJaxError becomes one `error: ...` line and exit code 2, Ctrl-C 130."""
+    # transformers advises installing PyTorch when it is absent; kvjax runs on JAX alone.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        return body()
+    except KVJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

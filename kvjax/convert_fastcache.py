@@ -10,7 +10,6 @@ are ignored; the compression factor is read from the first Linear's shape.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import re
 import sys
@@ -153,7 +152,7 @@ def convert_fastcache(input_path, model_dir, output, *, kind: str = "auto", rope
 
 
 def main(argv=None) -> int:
-    from kvjax.cli import Parser  # noqa: PLC0415 (one-line errors, exit 2)
+    from kvjax.cli import Parser, run_cli  # noqa: PLC0415
 
     p = Parser(prog="python -m kvjax.convert_fastcache", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="FastCache compressor .pth")
@@ -166,15 +165,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the file's dtype")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         out = convert_fastcache(args.input, args.model_dir, args.output, kind=args.kind,
                                 rope_positions=args.positions, min_seq_len=args.min_seq_len, dtype=args.dtype,
                                 overwrite=args.overwrite)
-    except KVJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ Without --model-dir the built-in demo model is used. Errors print one line and e
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 
-from kvjax.cli import Parser, positive_int
+from kvjax.cli import Parser, positive_int, run_cli
 from kvjax.errors import KVJaxError
 
 DEFAULT_TEXT = pathlib.Path(__file__).resolve().parents[1] / "assets" / "eval_text.txt"
@@ -95,21 +94,18 @@ def run(args) -> dict:
     return report
 
 
-def main(argv=None) -> int:
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except KVJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+def _run_and_print(args) -> int:
+    report = run(args)
     for row in report["results"]:
         print(f"{row['method']:>24}  ppl {row['ppl']:9.3f}  acc {row['accuracy']:.3f}  "
               f"top1 {row['top1_agreement']:.3f}  kl {row['kl']:.4f}  kv {row['kv_bytes_ratio']:.2f}")
     print(f"wrote {pathlib.Path(args.out_dir) / 'results.json'}", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: _run_and_print(args))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ import dataclasses
 import os
 import sys
 
-from kvjax.cli import Parser
-from kvjax.errors import KVJaxError
+from kvjax.cli import Parser, run_cli
 
 
 def build_parser(config_cls) -> argparse.ArgumentParser:
@@ -57,14 +56,7 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        return run(argv)
-    except KVJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(lambda: run(argv))
 
 
 if __name__ == "__main__":
