@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.training.conftest import tiny_train_setup  # noqa: F401 (fixture)
+from tests.training.conftest import tiny_train_setup, trained_run  # noqa: F401 (fixtures)
 
 
 def errors(capsys):
@@ -79,14 +79,16 @@ def test_errors_after_loading_leave_out_dir_alone(tiny_train_setup, tmp_path, ca
     assert (out / "keep.txt").read_text() == "precious"
 
 
-def test_train_from_yaml_then_chat_reads_the_compressor(tiny_train_setup, tmp_path, capsys):  # noqa: F811
+def test_train_from_yaml_then_chat_reads_the_compressor(tiny_train_setup, trained_run, tmp_path,  # noqa: F811
+                                                        capsys):
+    """With trained_run in the same process, the CLI run reuses its compiled train step (same static settings)."""
     from kvjax.chat import main as chat
     from kvjax.train import main
 
     out = tmp_path / "run"
     # the yaml sets the compression factor (default 5) and the shared run's accumulate (one compiled step)
     (tmp_path / "c.yaml").write_text("epochs: 1\ncompression-factor: 4\naccumulate: 2\nmax-examples: 10\n")
-    flags = [f for f in tiny_flags(tiny_train_setup, out)]
+    flags = tiny_flags(tiny_train_setup, out)
     del flags[flags.index("--compression-factor"):flags.index("--compression-factor") + 2]
     assert main(["--config", str(tmp_path / "c.yaml"), *flags]) == 0
     assert capsys.readouterr().out.strip() == str(out / "compressor")

@@ -15,12 +15,12 @@ def test_llava_demo_training_trains_the_image_mlps(tiny_train_setup, tmp_path):
     from training.config import TrainConfig
     from training.trainer import Trainer
 
-    trainer = Trainer(TrainConfig(demo="llava", out=str(tmp_path / "run"), epochs=4, batch_size=4, lr=1e-2,
+    trainer = Trainer(TrainConfig(demo="llava", out=str(tmp_path / "run"), epochs=2, batch_size=4, lr=1e-2,
                                   dropout=0.0, quiet=True, save_every=1000))
     assert all(ex.image_len > 0 for ex in trainer.train_set)  # BOS, "USER: " and the image features
     start = jax.tree.map(np.array, nnx.to_pure_dict(trainer.state["params"]))
     summary = trainer.run()
-    assert summary["final_val"]["kl"] < 0.9 * summary["initial_val"]["kl"], summary
+    assert summary["final_val"]["kl"] < 0.6 * summary["initial_val"]["kl"], summary  # 4 steps
     saved = load_compressor(tmp_path / "run" / "compressor")
     assert saved.cfg.image_mode == "image_mlp"
     params = nnx.to_pure_dict(nnx.state(saved, nnx.Param))
