@@ -46,13 +46,12 @@ def test_equals_dense_reference(page_size):
     num_pages = 3 * batch * max_len // page_size
     k_pool, table = _paged(k, page_size, num_pages, np.random.default_rng(1))
     v_pool, _ = _paged(v, page_size, num_pages, np.random.default_rng(1))  # same permutation: same table
-    want = decode_attention_reference(q, k, v, kv_len)
-    got = paged_attention(q, k_pool, v_pool, table, kv_len, mode="reference")
+    want = fast_jit(decode_attention_reference)(q, k, v, kv_len)
+    got = fast_jit(functools.partial(paged_attention, mode="reference"))(q, k_pool, v_pool, table, kv_len)
     assert not np.isnan(np.asarray(got)).any()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # With a layer axis, read in place.
-    got_layer = paged_attention_reference(q, jnp.stack([k_pool * 0, k_pool]), jnp.stack([v_pool * 0, v_pool]),
-                                          table, kv_len, layer=1)
+    got_layer = reference(q, jnp.stack([k_pool * 0, k_pool]), jnp.stack([v_pool * 0, v_pool]), table, kv_len, 1)
     np.testing.assert_allclose(got_layer, want, rtol=1e-5, atol=1e-5)
 
 
@@ -63,8 +62,8 @@ def test_write_then_gather_roundtrip():
     view = PagedKV(pages, table)
     new = jnp.asarray(rng.normal(size=(1, 3, 2, 8)), jnp.float32)
     slots = jnp.asarray([[3, 4, view.max_len]], jnp.int32)  # the last one is padding: dropped
-    out = view.write(0, slots, new)
-    dense = gather_pages(out.pages[0], table)  # [1, Hkv, 12, D]
+    out = jax.jit(lambda view, slots, new: view.write(0, slots, new))(view, slots, new)
+    dense = jax.jit(gather_pages)(out.pages[0], table)  # [1, Hkv, 12, D]
     np.testing.assert_array_equal(dense[0, :, 3], new[0, 0])
     np.testing.assert_array_equal(dense[0, :, 4], new[0, 1])
     assert float(jnp.abs(out.pages).sum()) == pytest.approx(float(jnp.abs(new[:, :2]).sum()), rel=1e-6)
