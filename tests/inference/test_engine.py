@@ -2,7 +2,7 @@
 under continuous batching with staggered arrivals; page accounting checked after every step.
 
 One engine serves the whole module (its jitted steps compile once per bucketed shape, whatever the
-test), with a small pool that forces queuing and preemption: 12 pages of 8 slots, 4 sequence slots.
+test), with a small pool that forces queuing and preemption: 8 pages of 8 slots, 4 sequence slots.
 Expected outputs come from three batched reference runs shared by the tests."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from kvjax.presses import get_press
 
 MAX_LEN = 64
 PROMPT_LENS = (5, 17, 30, 9, 28, 12)  # two prompt buckets (16, 32): few compiles
-LONG_LEN, NUM_LONG = 40, 6  # prompts that need 5 of the 12 pages each before compression
-NUM_PAGES, PAGE_SIZE = 12, 8
+LONG_LEN, NUM_LONG = 32, 6  # prompts that need 4 of the 8 pages each before compression
+NUM_PAGES, PAGE_SIZE = 8, 8
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,8 @@ def test_compressed_equals_prefill_compress_generate_from(engine, prompts, compr
 
 
 def test_pages_freed_by_compression_are_reused_and_exhaustion_queues(engine, long_prompts, compressor, want):
-    # 12 pages of 8 slots: one 40-token prompt takes 5 pages, so only two fit before compression
-    # (CF 4 leaves 10 tokens = 2 pages); the rest must queue, then reuse the freed pages.
+    # 8 pages of 8 slots: one 32-token prompt takes 4 pages, so only two fit before compression
+    # (CF 4 leaves 8 tokens = 1 page, freeing 3); the rest must queue, then reuse the freed pages.
     freed, first_id = engine.stats["pages_freed_by_compression"], engine.num_requests
     seen_pages = []
     for p in long_prompts:
@@ -142,7 +142,7 @@ def test_pages_freed_by_compression_are_reused_and_exhaustion_queues(engine, lon
 
 
 def test_preemption_when_decode_runs_out_of_pages(engine, prompts, want):
-    # Three 28-token prompts take 4 pages each, all 12; their decodes past slot 32 need a 5th page.
+    # Two 28-token prompts take 4 pages each, all 8 (the third queues); decodes past slot 32 need a 5th page.
     results = engine.generate([Request(prompt=prompts[4], max_new_tokens=8) for _ in range(3)])
     assert all(r.token_ids == want["plain"][4] for r in results)
     assert sum(r.num_preempted for r in results) > 0
