@@ -4,6 +4,27 @@ tests (one compile of the train step per worker: every text test uses the same s
 import pytest
 
 
+# Tests that use `trained_run`; under `-n N` they run on one worker, which makes the run (and
+# compiles its train step) once. xdist's own loadgroup does not group on pytest 9 (it sets
+# `item._nodeid`, which pytest 9 no longer reads), so the grouping is done here by test name.
+SHARED_RUN_TESTS = ("test_training_lowers_validation_kl", "test_kill_and_resume_is_bitwise_equal",
+                    "test_train_from_yaml_then_chat_reads_the_compressor")
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Active when this directory is named on the command line (its conftest loads in the controller)."""
+    if config.getoption("dist", "no") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):  # every other test is a scope of its own, as under `load`
+            return "trained_run" if nodeid.split("::")[-1].split("[")[0] in SHARED_RUN_TESTS else nodeid
+
+    return SharedRunScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_train_setup(tmp_path_factory):
     """-> (model_dir, data_path, home); KVJAX_HOME points at a temporary directory."""
