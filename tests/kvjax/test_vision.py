@@ -1,9 +1,6 @@
 """Image inputs: clear errors for bad files, CLIP preprocessing from the model dir, image chat CLI."""
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -63,26 +60,25 @@ def test_clip_preprocessing_reads_the_model_dir(demo_llava):
         clip_pixel_values([SAMPLE.parent / "nope.png"], processor, 56)
 
 
-def run_chat(*args, home):
-    env = {**os.environ, "KVJAX_HOME": str(home), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "kvjax.chat", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
 @pytest.mark.parametrize("name", ["empty.png", "text.png", "missing.png"])
-def test_chat_exits_2_with_one_line_for_bad_images(bad_files, tmp_path, name):
-    proc = run_chat("--demo", "llava", "--image", str(bad_files / name), "--question", "hi", home=tmp_path)
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line and not line.startswith("kvjax:")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], proc.stderr
+def test_chat_exits_2_with_one_line_for_bad_images(bad_files, tmp_path, monkeypatch, capsys, name):
+    from kvjax.chat import main
+
+    monkeypatch.setenv("KVJAX_HOME", str(tmp_path))
+    assert main(["--demo", "llava", "--image", str(bad_files / name), "--question", "hi"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("kvjax:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], lines
 
 
-def test_image_chat_runs_offline_on_the_llava_demo(demo_llava):
+def test_image_chat_runs_offline_on_the_llava_demo(demo_llava, monkeypatch, capsys):
+    from kvjax.chat import main
+    from tests.kvjax.test_chat_cli import run_chat
+
     home = demo_llava.parent  # the fixture wrote demo-llava under this KVJAX_HOME
     proc = run_chat("--demo", "llava", "--image", str(SAMPLE), "--question", "What is in the picture?",
                     "--max-new-tokens", "6", "--time", home=home)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and "[time] prompt" in proc.stderr
-    text_only = run_chat("--model-dir", str(demo_llava), "--question", "hi", "--max-new-tokens", "3",
-                         "--quiet", home=home)
-    assert text_only.returncode == 0, text_only.stderr
+    monkeypatch.setenv("KVJAX_HOME", str(home))
+    assert main(["--model-dir", str(demo_llava), "--question", "hi", "--max-new-tokens", "3", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip()
