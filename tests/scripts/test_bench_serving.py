@@ -46,7 +46,7 @@ def test_reports_serving_metrics_per_variant(tmp_path):
     assert "TTFT" in proc.stdout
 
 
-def test_bad_variant_is_a_clean_error(tmp_path):
+def test_unknown_like_preset_is_a_clean_error(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--like", "nope", "--num-samples", "1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --like: unknown nope")
