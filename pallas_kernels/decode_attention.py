@@ -19,11 +19,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels._dispatch import fall_back, kernel_mode
+from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, group_queries, merge_splits,
+                                    split_outputs)
 
-# Large finite negative (never -inf), so masked scores and empty rows stay NaN-free.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-_MIN_DOT = 16  # Triton's smallest dot dimension
-_TARGET_PROGRAMS = 512  # enough (batch, head, split) programs to fill an H100/H200 a few times over
 
 
 def decode_attention_reference(
@@ -63,10 +61,10 @@ class DecodeAttentionBlocks:
 def unsupported_reason(q_shape, k_shape) -> str | None:
     """Why the Pallas kernel cannot take these shapes (the dispatcher then uses the reference)."""
     head_dim, max_len = q_shape[-1], k_shape[-2]
-    if not _compat.is_power_of_2(head_dim) or head_dim < _MIN_DOT:
-        return f"head_dim {head_dim} is not a power of two >= {_MIN_DOT}"
-    if _compat.largest_power_of_2_dividing(max_len, 1 << 30) < _MIN_DOT:
-        return f"max_len {max_len} is not a multiple of {_MIN_DOT}"
+    if not _compat.is_power_of_2(head_dim) or head_dim < MIN_DOT:
+        return f"head_dim {head_dim} is not a power of two >= {MIN_DOT}"
+    if _compat.largest_power_of_2_dividing(max_len, 1 << 30) < MIN_DOT:
+        return f"max_len {max_len} is not a multiple of {MIN_DOT}"
     return None
 
 
@@ -133,25 +131,21 @@ def _decode_attention_pallas(q, k, v, kv_len, layer, blocks: DecodeAttentionBloc
     reason = unsupported_reason(q.shape, k.shape)
     if reason:
         raise ValueError(f"decode_attention_pallas: {reason}; use decode_attention (falls back)")
-    if not _compat.is_power_of_2(blocks.block_k) or blocks.block_k < _MIN_DOT:
+    if not _compat.is_power_of_2(blocks.block_k) or blocks.block_k < MIN_DOT:
         raise ValueError(f"decode_attention_pallas: block_k must be a power of two >= 16, got {blocks.block_k}")
     _compat.quiet_triton_deprecation()
     block_k = _compat.largest_power_of_2_dividing(max_len, blocks.block_k)
     num_splits = blocks.num_splits or min(max_len // block_k, 16,
-                                          pl.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads))
+                                          pl.cdiv(TARGET_PROGRAMS, batch * num_kv_heads))
     num_splits = max(1, min(num_splits, max_len // block_k))
-    group = num_heads // num_kv_heads
-    rows = max(_MIN_DOT, pl.next_power_of_2(group))
-    qg = q.reshape(batch, num_kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    qg, rows = group_queries(q, num_kv_heads)
 
     grid = (batch, num_kv_heads, num_splits)
     if layer is None:
         kv_spec = pl.BlockSpec((None, None, max_len, head_dim), lambda b, h, s: (b, h, 0, 0))
     else:
         kv_spec = pl.BlockSpec((None, None, None, max_len, head_dim), lambda b, h, s: (layer, b, h, 0, 0))
-    stat_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))
-    stat_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32)
+    out_specs, out_shape = split_outputs(batch, num_kv_heads, num_splits, rows, head_dim)
     kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
                                scale=head_dim ** -0.5)
     o, m, l = pl.pallas_call(
@@ -163,28 +157,14 @@ def _decode_attention_pallas(q, k, v, kv_len, layer, blocks: DecodeAttentionBloc
             kv_spec,
             kv_spec,
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            stat_spec,
-            stat_spec,
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
-            stat_shape,
-            stat_shape,
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="kvjax_decode_attention",
     )(kv_len.astype(jnp.int32), qg, k, v)
 
-    # Log-sum-exp merge of the splits; an empty split has l = 0 and weight exp(MASK - max) = 0.
-    m_max = m.max(axis=2, keepdims=True)
-    weight = jnp.exp(m - m_max)  # [B, Hkv, ns, Hp]
-    denom = (l * weight).sum(axis=2)
-    out = (o * weight[..., None]).sum(axis=2)
-    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # kv_len 0: every split empty -> zeros
-    return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+    return merge_splits(o, m, l, q)
 
 
 def decode_attention(q, k, v, kv_len, layer: int | None = None, *, mode: str | None = None):

@@ -26,11 +26,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels._dispatch import fall_back, kernel_mode
+from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, group_queries, merge_splits,
+                                    split_outputs)
 
-# Large finite negative (never -inf), so masked scores and empty rows stay NaN-free.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-_MIN_DOT = 16  # Triton's smallest dot dimension
-_TARGET_PROGRAMS = 512  # enough (sequence, head, split) programs to fill an H100/H200 a few times over
 
 
 @jax.tree_util.register_dataclass
@@ -115,10 +113,10 @@ class PagedAttentionBlocks:
 def unsupported_reason(q_shape, pages_shape) -> str | None:
     """Why the Pallas kernel cannot take these shapes (the dispatcher then uses the reference)."""
     head_dim, page_size = q_shape[-1], pages_shape[-2]
-    if not _compat.is_power_of_2(head_dim) or head_dim < _MIN_DOT:
-        return f"head_dim {head_dim} is not a power of two >= {_MIN_DOT}"
-    if not _compat.is_power_of_2(page_size) or page_size < _MIN_DOT:
-        return f"page_size {page_size} is not a power of two >= {_MIN_DOT}"
+    if not _compat.is_power_of_2(head_dim) or head_dim < MIN_DOT:
+        return f"head_dim {head_dim} is not a power of two >= {MIN_DOT}"
+    if not _compat.is_power_of_2(page_size) or page_size < MIN_DOT:
+        return f"page_size {page_size} is not a power of two >= {MIN_DOT}"
     return None
 
 
@@ -193,12 +191,9 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, bloc
     if reason:
         raise ValueError(f"paged_attention_pallas: {reason}; use paged_attention (falls back)")
     _compat.quiet_triton_deprecation()
-    num_splits = blocks.num_splits or min(width, 16, pl.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads))
+    num_splits = blocks.num_splits or min(width, 16, pl.cdiv(TARGET_PROGRAMS, batch * num_kv_heads))
     num_splits = max(1, min(num_splits, width))
-    group = num_heads // num_kv_heads
-    rows = max(_MIN_DOT, pl.next_power_of_2(group))
-    qg = q.reshape(batch, num_kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    qg, rows = group_queries(q, num_kv_heads)
 
     grid = (batch, num_kv_heads, num_splits)
     if layer is None:  # the program sees its KV head of every page: [P, page_size, D]
@@ -206,8 +201,7 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, bloc
     else:
         pool_spec = pl.BlockSpec((None, num_pages, None, page_size, head_dim),
                                  lambda b, h, s: (layer, 0, h, 0, 0))
-    stat_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))
-    stat_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32)
+    out_specs, out_shape = split_outputs(batch, num_kv_heads, num_splits, rows, head_dim)
     kernel = functools.partial(_paged_kernel, num_splits=num_splits, scale=head_dim ** -0.5)
     o, m, l = pl.pallas_call(
         kernel,
@@ -219,28 +213,14 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, bloc
             pool_spec,
             pool_spec,
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            stat_spec,
-            stat_spec,
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
-            stat_shape,
-            stat_shape,
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="kvjax_paged_attention",
     )(kv_len.astype(jnp.int32), page_table.astype(jnp.int32), qg, k_pages, v_pages)
 
-    # Log-sum-exp merge of the splits; an empty split has l = 0 and weight exp(MASK - max) = 0.
-    m_max = m.max(axis=2, keepdims=True)
-    weight = jnp.exp(m - m_max)  # [B, Hkv, ns, Hp]
-    denom = (l * weight).sum(axis=2)
-    out = (o * weight[..., None]).sum(axis=2)
-    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # kv_len 0: every split empty -> zeros
-    return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+    return merge_splits(o, m, l, q)
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_len, layer: int | None = None, *,

@@ -14,9 +14,7 @@ from kvjax.quantization import QuantizedArray, read_layer, store
 from pallas_kernels._dispatch import kernel_mode
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.paged_attention import PagedKV, paged_attention
-
-# Large finite negative, so a fully masked row never produces NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels._splitk import MASK_VALUE  # large finite negative: a fully masked row gives no NaN
 
 
 def cached_attention(
