@@ -27,17 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from bench_decode import DTYPES, environment, model_dir_for
+from bench_decode import DTYPES, add_model_source, environment, model_dir_for
 from kvjax import demo
 from kvjax.compressors import CompressorConfig, build_compressor
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", help="a Hugging Face Llama/Qwen2/Qwen3 directory")
-    src.add_argument("--like", help=f"random weights shaped like: {', '.join(demo.LIKE_PRESETS)}")
-    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "kvjax" / "bench"))
+    add_model_source(p)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--prompt-len", type=int, default=640, help="tokens per sequence (LLaVA-1.5: 576 image + text)")
     p.add_argument("--image-len", type=int, default=576, help="image span at the start of each prompt")

@@ -42,13 +42,18 @@ BACKENDS = ("kvjax", "torch")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_source(p, what="a Hugging Face Llama/Qwen2/Qwen3 directory", presets=demo.LIKE_PRESETS) -> None:
+    """--model-dir or --like PRESET (random weights written once into --work-dir): every benchmark's."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", help="a Hugging Face Llama/Qwen2/Qwen3 directory")
-    src.add_argument("--like", help=f"random weights shaped like: {', '.join(demo.LIKE_PRESETS)}")
+    src.add_argument("--model-dir", help=what)
+    src.add_argument("--like", help=f"random weights shaped like: {', '.join(presets)}")
     home = Path(os.environ.get("KVJAX_HOME") or Path.home() / ".cache" / "kvjax")
     p.add_argument("--work-dir", default=str(home / "bench"), help="where --like weights are kept")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_source(p)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--context-len", type=int, default=128, help="prompt tokens cached before timing")
     p.add_argument("--decode-steps", type=int, default=32)

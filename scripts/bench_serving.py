@@ -28,23 +28,19 @@ except ImportError:  # run from a checkout without installing
     import kvjax
 
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from bench_decode import DTYPES, environment, model_dir_for
+from bench_decode import DTYPES, add_model_source, environment, model_dir_for
 from inference.engine import Engine
 from inference.scheduler import Request
 from kvjax import demo
-from kvjax.compressors import CompressorConfig, build_compressor
+from kvjax.compressor_checkpoint import compressor_for
 from kvjax.presses import get_press
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", help="a Hugging Face Llama/Qwen2/Qwen3 directory (with tokenizer)")
-    src.add_argument("--like", help=f"random weights shaped like: {', '.join(demo.LIKE_PRESETS)}")
-    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "kvjax" / "bench"))
+    add_model_source(p, "a Hugging Face Llama/Qwen2/Qwen3 directory (with tokenizer)")
     p.add_argument("--dataset", help="LLaVA-style .json / .jsonl; default: synthetic 'Hello' x --context-len")
     p.add_argument("--context-len", type=int, default=640, help="synthetic prompt: this many 'Hello's")
     p.add_argument("--max-prompt-len", type=int, default=2048, help="longer prompts are cut to this many tokens")
@@ -114,10 +110,8 @@ def make_method(name: str, cfg, args):
     if name == "baseline":
         return None
     if name == "ccm":
-        return build_compressor(CompressorConfig(
-            num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            compression_factor=args.compression_factor, min_seq_len=args.min_seq_len, dtype=args.dtype),
-            rngs=nnx.Rngs(args.seed))
+        return compressor_for(cfg, compression_factor=args.compression_factor, min_seq_len=args.min_seq_len,
+                              dtype=args.dtype)  # random decoupled: speed does not depend on weights
     press, _, ratio = name.partition(":")
     try:
         return get_press(press, compression_ratio=float(ratio or 0.5))

@@ -25,22 +25,18 @@ except ImportError:  # run from a checkout without installing
     import kvjax
 
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from bench_decode import DTYPES, environment, model_dir_for
+from bench_decode import DTYPES, add_model_source, environment, model_dir_for
 from inference.engine import Engine
 from inference.scheduler import Request
 from kvjax import demo
-from kvjax.compressors import CompressorConfig, build_compressor
+from kvjax.compressor_checkpoint import compressor_for
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", help="a Hugging Face Llama/Qwen2/Qwen3 directory")
-    src.add_argument("--like", help=f"random weights shaped like: {', '.join(demo.LIKE_PRESETS)}")
-    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "kvjax" / "bench"))
+    add_model_source(p)
     p.add_argument("--batch-sizes", default="1,32,64,128")
     p.add_argument("--prompt-len", type=int, default=640)
     p.add_argument("--image-kv-len", type=int, default=576)
@@ -106,10 +102,8 @@ def run(args, argv) -> dict:
     model_dir = model_dir_for(args)
     model, _, cfg = kvjax.load(model_dir, dtype=args.dtype, tokenizer=False)
     parts = kvjax.split(model)
-    compressor = build_compressor(CompressorConfig(
-        num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        compression_factor=args.compression_factor, min_seq_len=args.min_seq_len, dtype=args.dtype),
-        rngs=nnx.Rngs(0))
+    compressor = compressor_for(cfg, compression_factor=args.compression_factor, min_seq_len=args.min_seq_len,
+                                dtype=args.dtype)  # random decoupled: speed does not depend on weights
     results = []
     for batch in tqdm(batch_sizes, disable=args.quiet, desc="batch"):
         base = run_decode(parts, None, batch, args)

@@ -13,7 +13,6 @@ an empty cache. One untimed warm-up run compiles everything first; the median re
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ except ImportError:  # run from a checkout without installing
 import jax
 import numpy as np
 
-from bench_decode import environment  # this script's sibling: device, versions, date, command
+from bench_decode import add_model_source, environment  # this script's sibling: device, versions, date, command
 from kvjax.demo_vlm import VLM_PRESETS, write_vlm_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample.png"
@@ -37,11 +36,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", help="a Hugging Face LLaVA-1.5 or MiniCPM-V-2.6 directory")
-    src.add_argument("--like", help=f"random weights shaped like: {', '.join(VLM_PRESETS)}")
-    home = Path(os.environ.get("KVJAX_HOME") or Path.home() / ".cache" / "kvjax")
-    p.add_argument("--work-dir", default=str(home / "bench"), help="where --like weights are kept")
+    add_model_source(p, "a Hugging Face LLaVA-1.5 or MiniCPM-V-2.6 directory", VLM_PRESETS)
     p.add_argument("--image", default=str(SAMPLE))
     p.add_argument("--question", default="What is in the picture? Describe every detail.")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
