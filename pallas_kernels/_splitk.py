@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
 
 # Large finite negative (never -inf), so masked scores and empty rows stay NaN-free.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -45,3 +48,34 @@ def merge_splits(o: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array) -> jax.
     out = (o * weight[..., None]).sum(axis=2)
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+def split_blocks(num_blocks, num_splits: int):
+    """[first, last) of the blocks this program (split = program_id 2) walks. Splits divide the
+    *valid* blocks, so a short sequence still spreads over all its programs."""
+    per_split = pl.cdiv(num_blocks, num_splits)
+    first = pl.program_id(2) * per_split
+    return first, jnp.minimum(first + per_split, num_blocks)
+
+
+def online_softmax(q, first, last, load_block, scale: float):
+    """Flash-decoding over blocks [first, last) inside a kernel: load_block(i) -> (k [n, D],
+    v [n, D], valid bool [n]). Returns the unnormalised output [rows, D], running max and
+    denominator [rows], in float32; an empty range leaves m = MASK_VALUE and l = 0."""
+    rows = q.shape[0]
+
+    def step(block, carry):
+        o, m, l = carry  # noqa: E741
+        k, v, valid = load_block(block)
+        scores = _compat.dot(q, k, trans_b=True) * scale  # [rows, n]
+        scores = jnp.where(valid[None, :], scores, MASK_VALUE)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.exp(scores - m_new[:, None])
+        v = jnp.where(valid[:, None], v, jnp.zeros((), v.dtype))  # 0 * NaN padding would be NaN
+        o = o * correction[:, None] + _compat.dot(p.astype(v.dtype), v)
+        return o, m_new, l * correction + p.sum(axis=1)
+
+    init = (jnp.zeros((rows, q.shape[1]), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    return lax.fori_loop(first, last, step, init)

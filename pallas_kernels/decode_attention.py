@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 from pallas_kernels._dispatch import fall_back, kernel_mode
 from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, group_queries, merge_splits,
-                                    split_outputs)
+                                    online_softmax, split_blocks, split_outputs)
 
 
 
@@ -73,33 +73,15 @@ def _decode_kernel(kv_len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, bloc
 
     kv_len_ref []; q_ref [Hp, D]; k_ref, v_ref [S, D]; o_ref [Hp, D] f32 (unnormalised);
     m_ref, l_ref [Hp] f32 (running max and softmax denominator, for the combine across splits)."""
-    split = pl.program_id(2)
     kv_len = kv_len_ref[()]
-    num_blocks = pl.cdiv(kv_len, block_k)
-    # Splits divide the *valid* blocks, so a short sequence still spreads over all its programs.
-    per_split = pl.cdiv(num_blocks, num_splits)
-    first = split * per_split
-    last = jnp.minimum(first + per_split, num_blocks)
-    q = q_ref[...]
-    rows = q.shape[0]
+    first, last = split_blocks(pl.cdiv(kv_len, block_k), num_splits)
 
-    def step(block, carry):
-        o, m, l = carry
+    def load_block(block):
         start = pl.multiple_of(block * block_k, block_k)
         valid = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < kv_len  # only the last block is partial
-        scores = _compat.dot(q, k_ref[pl.ds(start, block_k), :], trans_b=True) * scale  # [Hp, bk]
-        scores = jnp.where(valid[None, :], scores, MASK_VALUE)
-        m_new = jnp.maximum(m, scores.max(axis=1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(scores - m_new[:, None])
-        v = v_ref[pl.ds(start, block_k), :]
-        v = jnp.where(valid[:, None], v, jnp.zeros((), v.dtype))
-        o = o * correction[:, None] + _compat.dot(p.astype(v.dtype), v)
-        return o, m_new, l * correction + p.sum(axis=1)
+        return k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :], valid
 
-    init = (jnp.zeros((rows, q.shape[1]), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    o, m, l = lax.fori_loop(first, last, step, init)  # an empty range leaves m = MASK, l = 0
+    o, m, l = online_softmax(q_ref[...], first, last, load_block, scale)  # noqa: E741
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l

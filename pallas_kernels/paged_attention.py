@@ -26,8 +26,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels._dispatch import fall_back, kernel_mode
-from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, group_queries, merge_splits,
-                                    split_outputs)
+from pallas_kernels.decode_attention import decode_attention_reference
+from pallas_kernels._splitk import (MIN_DOT, TARGET_PROGRAMS, group_queries, merge_splits,
+                                    online_softmax, split_blocks, split_outputs)
 
 
 
@@ -87,17 +88,7 @@ def paged_attention_reference(
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
     k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # [B, Hkv, S, D]
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads, max_len = k.shape[1], k.shape[2]
-    qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    visible = jnp.arange(max_len, dtype=jnp.int32)[None, :] < kv_len[:, None]  # [B, S]
-    scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k).astype(jnp.float32) * (head_dim ** -0.5)
-    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    v = jnp.where(visible[:, None, :, None], v, jnp.zeros((), v.dtype))  # 0 * NaN padding would be NaN
-    out = jnp.einsum("bhgs,bhsd->bhgd", probs, v)
-    out = jnp.where((kv_len > 0)[:, None, None, None], out, jnp.zeros((), out.dtype))
-    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+    return decode_attention_reference(q, k, v, kv_len)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,33 +117,17 @@ def _paged_kernel(kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_re
 
     kv_len_ref []; table_ref [W]; q_ref [Hp, D]; k_ref, v_ref [P, page_size, D] (this KV head of the
     whole pool); o_ref [Hp, D] f32 (unnormalised); m_ref, l_ref [Hp] f32 (for the split combine)."""
-    split = pl.program_id(2)
     kv_len = kv_len_ref[()]
     page_size = k_ref.shape[-2]
-    num_valid = pl.cdiv(kv_len, page_size)  # pages holding slots [0, kv_len): the only ones read
-    per_split = pl.cdiv(num_valid, num_splits)
-    first = split * per_split
-    last = jnp.minimum(first + per_split, num_valid)
-    q = q_ref[...]
-    rows = q.shape[0]
+    # Only the pages holding slots [0, kv_len) are read.
+    first, last = split_blocks(pl.cdiv(kv_len, page_size), num_splits)
 
-    def step(index, carry):
-        o, m, l = carry
+    def load_block(index):
         page = table_ref[index]
         valid = index * page_size + lax.broadcasted_iota(jnp.int32, (page_size,), 0) < kv_len  # last page: partial
-        scores = _compat.dot(q, k_ref[page, :, :], trans_b=True) * scale  # [Hp, ps]
-        scores = jnp.where(valid[None, :], scores, MASK_VALUE)
-        m_new = jnp.maximum(m, scores.max(axis=1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(scores - m_new[:, None])
-        v = v_ref[page, :, :]
-        v = jnp.where(valid[:, None], v, jnp.zeros((), v.dtype))  # 0 * NaN tail would be NaN
-        o = o * correction[:, None] + _compat.dot(p.astype(v.dtype), v)
-        return o, m_new, l * correction + p.sum(axis=1)
+        return k_ref[page, :, :], v_ref[page, :, :], valid
 
-    init = (jnp.zeros((rows, q.shape[1]), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    o, m, l = lax.fori_loop(first, last, step, init)  # an empty range leaves m = MASK, l = 0
+    o, m, l = online_softmax(q_ref[...], first, last, load_block, scale)  # noqa: E741
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
