@@ -28,7 +28,6 @@ import numpy as np
 from tqdm import tqdm
 
 from bench_decode import DTYPES, add_model_source, environment, model_dir_for
-from kvjax import demo
 from kvjax.compressors import CompressorConfig, build_compressor
 
 
@@ -107,8 +106,6 @@ def main(argv=None) -> int:
     try:
         if args.prompt_len <= 0 or args.repeats <= 0 or args.image_len < 0:
             raise kvjax.KVJaxError("--prompt-len and --repeats must be > 0, --image-len >= 0")
-        if args.like and args.like not in demo.LIKE_PRESETS:
-            raise kvjax.KVJaxError(f"--like: unknown {args.like}; choose from {', '.join(demo.LIKE_PRESETS)}")
         report = run(args, argv)
     except (kvjax.KVJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

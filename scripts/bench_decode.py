@@ -92,6 +92,8 @@ def model_dir_for(args) -> Path:
     """--model-dir as given, or random --like weights written once into --work-dir."""
     if args.model_dir:
         return Path(args.model_dir).expanduser()
+    if args.like not in demo.LIKE_PRESETS:
+        raise kvjax.KVJaxError(f"--like: unknown {args.like}; choose from {', '.join(demo.LIKE_PRESETS)}")
     path = Path(args.work_dir).expanduser() / f"{args.like}-{args.dtype}"
     if not (path / "config.json").exists():
         print(f"writing random {args.like} weights to {path} (once)", file=sys.stderr)

@@ -33,7 +33,6 @@ from tqdm import tqdm
 from bench_decode import DTYPES, add_model_source, environment, model_dir_for
 from inference.engine import Engine
 from inference.scheduler import Request
-from kvjax import demo
 from kvjax.compressor_checkpoint import compressor_for
 from kvjax.presses import get_press
 
@@ -212,8 +211,6 @@ def main(argv=None) -> int:
                                    "--max-prompt-len must be > 0")
         if args.req_per_sec < 0:
             raise kvjax.KVJaxError(f"--req-per-sec must be >= 0, got {args.req_per_sec}")
-        if args.like and args.like not in demo.LIKE_PRESETS:
-            raise kvjax.KVJaxError(f"--like: unknown {args.like}; choose from {', '.join(demo.LIKE_PRESETS)}")
         report = run(args, argv)
     except (kvjax.KVJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,7 +30,6 @@ from tqdm import tqdm
 from bench_decode import DTYPES, add_model_source, environment, model_dir_for
 from inference.engine import Engine
 from inference.scheduler import Request
-from kvjax import demo
 from kvjax.compressor_checkpoint import compressor_for
 
 
@@ -143,8 +142,6 @@ def main(argv=None) -> int:
     try:
         if min(args.prompt_len, args.decode_steps, args.page_size) <= 0 or args.warmup_steps < 0:
             raise kvjax.KVJaxError("--prompt-len, --decode-steps, --page-size must be > 0, --warmup-steps >= 0")
-        if args.like and args.like not in demo.LIKE_PRESETS:
-            raise kvjax.KVJaxError(f"--like: unknown {args.like}; choose from {', '.join(demo.LIKE_PRESETS)}")
         report = run(args, argv)
     except (kvjax.KVJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
