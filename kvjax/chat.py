@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compression-ratio", type=float, default=0.5, help="fraction of prompt tokens dropped (0.5)")
     g.add_argument("--press-option", action="append", metavar="NAME=VALUE",
                    help="press hyper-parameter (kvpress names), repeatable: --press-option window_size=16")
-    g.add_argument("--press-protect-image", action="store_true", help="always keep the image tokens")
+    g.add_argument("--press-protect", choices=["none", "image", "question", "both"], default="none",
+                   help="tokens kept outside the press budget: the image, the latest user message "
+                        "(its text and the template's tail), or both (default none)")
+    g = p.add_argument_group("KV-cache quantization")
+    g.add_argument("--kv-quantize", choices=["none", "int8"], default="none",
+                   help="store the prompt's K/V as int8 after prefill (after any --press / --kv-compress)")
     return p
 
 
@@ -83,6 +88,7 @@ class ChatSession:
         self.messages = [{"role": "system", "content": args.system}] if args.system else []
         self.compressor = _compressor(args, cfg, self.cache_dtype)
         self.press = _press(args)
+        self.question_len = 0  # tokens of the latest user message + template tail (--press-protect question)
         self.compress_stats = None  # (kv bytes before, after, kv_len after, seconds) of the last turn
         self.is_warm = set()
 
@@ -95,7 +101,7 @@ class ChatSession:
         tokens[0, :len(ids)] = ids
         embeds = None if self.vision is None else self.vision.embed(tokens)
         cache = self.kvjax.KVCache.for_model(self.cfg, 1, self.args.max_tokens, self.cache_dtype)
-        compresses = self.compressor is not None or self.press is not None
+        compresses = self.compressor is not None or self.press is not None or self.args.kv_quantize != "none"
         return self.kvjax.stream(self.parts, cache, tokens, np.array([len(ids)]), embeds=embeds,
                                  max_new_tokens=max_new_tokens, sampling=self.sampling,
                                  eos_ids=self.eos_ids, seed=self.args.seed, on_prefill=on_prefill,
@@ -106,14 +112,20 @@ class ChatSession:
         image_len = self.args.kv_compress_image_len or (self.vision.image_len if self.vision is not None else 0)
         before = cache.used_bytes()
         start = time.perf_counter()
+        protect = self.args.press_protect
         if self.press is not None:
             from kvjax.presses import compress_prompt
 
             cache = compress_prompt(self.parts, cache, tokens, [num_tokens], embeds, press=self.press,
-                                    image_len=[image_len], protect_image=self.args.press_protect_image)
-        else:
+                                    image_len=[image_len], protect_image=protect in ("image", "both"),
+                                    protect_last=[self.question_len] if protect in ("question", "both") else None)
+        elif self.compressor is not None:
             cache = self.kvjax.compress(cache, self.compressor, [image_len],
                                         rope_positions=self.args.kv_compress_positions)
+        if self.args.kv_quantize == "int8":  # last: presses and CCM read a dense cache
+            from kvjax.quantization import Int8KV
+
+            cache = self.kvjax.compress(cache, Int8KV())
         after = cache.used_bytes()  # syncs, so the time below is the step's
         self.compress_stats = (int(before[0]), int(after[0]), int(cache.kv_len[0]), time.perf_counter() - start)
         return cache
@@ -134,10 +146,12 @@ class ChatSession:
         from kvjax.prompts import encode_chat
 
         self.messages.append({"role": "user", "content": question})
-        if self.vision is None:
-            ids = encode_chat(self.tokenizer, self.messages)
-        else:
-            ids = self.vision.encode(self.messages)
+        encode = (lambda m: encode_chat(self.tokenizer, m)) if self.vision is None else self.vision.encode
+        if self.args.press_protect in ("question", "both"):
+            context_ids = encode(self.messages[:-1] + [{"role": "user", "content": ""}])
+        ids = encode(self.messages)  # last: the vision prompter keeps the last encoded prompt's image mask
+        if self.args.press_protect in ("question", "both"):
+            self.question_len = question_len(ids, context_ids)
         if self.args.time:
             self._warm_up(ids)
         start = time.perf_counter()
@@ -177,8 +191,19 @@ class ChatSession:
               f"decode {num_generated} tokens at {rate:.1f} tokens/s", file=sys.stderr)
         if self.compress_stats is not None:
             before, after, kv_len, seconds = self.compress_stats
+            int8 = ", int8 K/V" if self.args.kv_quantize == "int8" else ""
             print(f"[time] KV cache {before / 1024:.1f} KiB -> {after / 1024:.1f} KiB ({num_prompt} -> {kv_len} "
-                  f"slots, {before / max(after, 1):.2f}x smaller); compress {seconds * 1e3:.1f} ms", file=sys.stderr)
+                  f"slots{int8}, {before / max(after, 1):.2f}x smaller); compress {seconds * 1e3:.1f} ms",
+                  file=sys.stderr)
+
+
+def question_len(ids: list[int], context_ids: list[int]) -> int:
+    """Prompt tokens after the point where `ids` and `context_ids` (the same conversation with the
+    latest user message emptied) part: that message's text and the template's tail (end of turn,
+    assistant prefix). Comparing two renderings works for every template and for image prompts
+    (the image precedes the text); the user-role header stays with the context, as in kvpress."""
+    common = next((i for i, (a, b) in enumerate(zip(ids, context_ids)) if a != b), min(len(ids), len(context_ids)))
+    return len(ids) - common
 
 
 def _compressor(args, cfg, dtype):
@@ -199,6 +224,9 @@ def _compressor(args, cfg, dtype):
 def _press(args):
     """The press the flags ask for, or None."""
     if args.press is None:
+        if args.press_protect != "none":
+            raise KVJaxError(f"--press-protect {args.press_protect} applies to presses: add --press NAME "
+                             "(e.g. --press knorm) or drop --press-protect")
         return None
     if args.kv_compress or args.kv_compress_ckpt:
         raise KVJaxError("pass either --press or --kv-compress, not both")
