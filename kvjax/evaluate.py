@@ -23,7 +23,8 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m kvjax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", help="local HF model directory (default: the demo model)")
     p.add_argument("--methods", nargs="+", default=["knorm:0.25,0.5", "int8"],
-                   help="methods to sweep: none, int8, PRESS:R1,R2 (see kvjax.presses.list_presses()), ccm:FACTOR")
+                   help="methods to sweep: none, int8, PRESS:R1,R2 (see kvjax.presses.list_presses()), ccm:FACTOR; "
+                        "end a PRESS or ccm spec in +int8 to quantize what it kept, e.g. knorm:0.5+int8")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="text file for perplexity (default: %(default)s)")
     p.add_argument("--prompts", help="file with one prompt per line for agreement/KL (default: slices of --text)")
     p.add_argument("--context-len", type=positive_int, default=192, help="tokens prefilled, then compressed")
@@ -75,11 +76,12 @@ def run(args) -> dict:
                                     continuation_len=args.continuation_len, num_windows=args.num_windows)
         agree, reference = evaluation.agreement(model, prompts, method, gen_len=args.gen_len, reference=reference)
         results.append({"method": method.label, "family": method.family, "compression_ratio": method.ratio,
+                        "kv_quantize": "int8" if method.is_quantized or method.family == "int8" else "none",
                         **ppl, **agree})
     full_bytes = results[0]["kv_bytes"]
-    for row in results:  # int8 keeps every token: its ratio is the share of bytes saved
+    for row in results:  # with int8 the ratio is the share of bytes saved (tokens kept and int8 together)
         row["kv_bytes_ratio"] = row["kv_bytes"] / full_bytes
-        if row["family"] == "int8":
+        if row["kv_quantize"] == "int8":
             row["compression_ratio"] = 1 - row["kv_bytes_ratio"]
     report = {"model_dir": str(model_dir), "text": args.text, "context_len": args.context_len,
               "continuation_len": args.continuation_len, "num_windows": args.num_windows,

@@ -1,7 +1,8 @@
 """Quality of a compressed KV cache: perplexity of a long text and agreement with the full cache.
 
 Methods are spelled as on `python -m kvjax.evaluate --methods`: `none`, `int8`, a press name with
-ratios (`knorm:0.25,0.5`), or `ccm:FACTOR` (a CCM compressor; untrained unless one is given).
+ratios (`knorm:0.25,0.5`), or `ccm:FACTOR` (a CCM compressor; untrained unless one is given); a
+`+int8` suffix on a press or ccm spec (`knorm:0.5+int8`) quantizes what it kept.
 
 - `perplexity`: over sliding windows of the text, prefill `context_len` tokens, compress, then
   score the next `continuation_len` tokens one decode step at a time (teacher forcing), as seed
@@ -35,6 +36,7 @@ class Method:
     family: str  # "none" | "int8" | "press" | "ccm"
     ratio: float
     method: Any = None  # the press, compressor or Int8KV passed to kvjax.compress
+    is_quantized: bool = False  # a press or ccm followed by int8 (`+int8`)
 
 
 def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: dict | None = None) -> list[Method]:
@@ -44,7 +46,12 @@ def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: 
 
     methods = [Method("none", "none", 0.0)]
     for spec in specs:
-        name, _, args = spec.partition(":")
+        base, plus, suffix = spec.partition("+")
+        if plus and (suffix != "int8" or base.partition(":")[0] in ("none", "int8")):
+            raise KVJaxError(f"bad method {spec!r}: only a press or ccm spec takes a suffix, and only +int8, "
+                             "e.g. knorm:0.5+int8")
+        first = len(methods)
+        name, _, args = base.partition(":")
         values = [a for a in args.split(",") if a] if args else []
         if name == "none":
             continue
@@ -73,7 +80,11 @@ def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: 
                 methods.append(Method(f"{name}:{value}", "press", ratio, press))
         else:
             known = ", ".join(["none", "int8", "ccm"] + presses.list_presses())
-            raise KVJaxError(f"unknown method {name!r} in --methods; choose from {known}")
+            raise KVJaxError(f"unknown method {name!r} in --methods; choose from {known} (a press or ccm "
+                             "may end in +int8)")
+        if plus:  # every ratio/factor of this spec, then int8
+            methods[first:] = [dataclasses.replace(m, label=m.label + "+int8", is_quantized=True)
+                               for m in methods[first:]]
     return methods
 
 
@@ -83,9 +94,11 @@ def prefill_compressed(model, cache: KVCache, tokens, lengths, method: Method):
         from kvjax.presses import prefill as press_prefill
 
         logits, cache, observations = press_prefill(model, cache, tokens, lengths, press=method.method)
-        return logits, compress(cache, method.method, observations=observations)
-    logits, cache = prefill(model, cache, tokens, lengths)
-    return (logits, cache) if method.family == "none" else (logits, compress(cache, method.method))
+        cache = compress(cache, method.method, observations=observations)
+    else:
+        logits, cache = prefill(model, cache, tokens, lengths)
+        cache = cache if method.family == "none" else compress(cache, method.method)
+    return logits, (compress(cache, Int8KV()) if method.is_quantized else cache)  # presses need a dense cache
 
 
 def _timed(fn, *args):
@@ -186,8 +199,9 @@ def plot(results: list[dict], path) -> None:
     except ImportError:
         raise KVJaxError("the plot needs matplotlib: pip install 'kvjax[eval]' (or pass --no-plot)") from None
     lines: dict[str, list[dict]] = {}
-    for row in results:
-        lines.setdefault(row["method"].split(":")[0], []).append(row)
+    for row in results:  # one line per name: "knorm:0.5+int8" -> "knorm+int8"
+        name, _, rest = row["method"].partition(":")
+        lines.setdefault(name + rest[rest.find("+"):] if "+" in rest else name, []).append(row)
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4), constrained_layout=True)
     for ax, (key, title) in zip(axes, PLOTTED):
         for name, rows in lines.items():
