@@ -4,6 +4,7 @@
 prefill, compress or decode batch; the runner runs it on the paged cache; postprocess appends
 tokens, finishes sequences (EOS, max_new_tokens, full) and returns their pages. Greedy outputs
 equal `kvjax.generate` (and prefill + `kvjax.compress` + `kvjax.generate_from`) per request.
+A VLM serves through its language model: its requests carry their prompt's embeddings.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 import kvjax
-from inference.paged_cache import PageAllocator, PagedKVCache, compress_slots
-from inference.runner import Runner, bucket
+from inference.paged_cache import PageAllocator, PagedKVCache, compress_slots, per_layer_message
+from inference.runner import Observations, Runner, bucket
 from inference.scheduler import Batch, Phase, Request, Scheduler, Sequence
 from kvjax.errors import KVJaxError
+from kvjax.presses import Press
 
 
 @dataclasses.dataclass
@@ -45,6 +48,7 @@ class Engine:
                  clock: Callable[[], float] = time.perf_counter):
         if not isinstance(model, kvjax.SplitModel) and not hasattr(model, "cfg"):  # a model directory
             model, tokenizer, _ = kvjax.load(model, dtype=dtype)
+        model = getattr(model, "language_model", model)  # a VLM: image requests bring their embeds
         self.parts = kvjax.split(model)
         self.tokenizer = tokenizer
         cfg = self.parts.cfg
@@ -74,13 +78,35 @@ class Engine:
             if self.tokenizer is None:
                 raise KVJaxError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
             prompt = self.tokenizer.encode(prompt)
-        seq = Sequence(self.num_requests, request, [int(t) for t in prompt])
+        if request.embeds is not None:
+            prompt = self._check_embeds(request.embeds, prompt)
+        seq = Sequence(self.num_requests, request, [int(t) for t in (prompt if prompt is not None else ())])
         if not seq.prompt_ids:
-            raise KVJaxError(f"request {seq.request_id}: empty prompt")
+            raise KVJaxError(f"request {seq.request_id}: empty prompt (give prompt= token ids or embeds=)")
+        if isinstance(request.compression, Press):  # refuse now what compress_slots would refuse later
+            self._check_press(request.compression, len(seq.prompt_ids))
         seq.times["arrival"] = self.clock()
         self.scheduler.add(seq)
         self.num_requests += 1
         return seq.request_id
+
+    def _check_embeds(self, embeds, prompt):
+        """embeds [T, H] of the model's hidden size; prompt ids, if given, must have T entries."""
+        shape, hidden = tuple(np.shape(embeds)), self.parts.cfg.hidden_size
+        if len(shape) != 2 or shape[1] != hidden:
+            raise KVJaxError(f"embeds must be [prompt_len, {hidden}] (the model's hidden size), got shape {shape}")
+        if prompt is None:
+            return [0] * shape[0]  # the tokens are never read: the embeddings replace them
+        if len(prompt) != shape[0]:
+            raise KVJaxError(f"embeds has {shape[0]} rows but the prompt has {len(prompt)} tokens; "
+                             "give one embedding per prompt token (or omit prompt)")
+        return prompt
+
+    def _check_press(self, press: Press, prompt_len: int) -> None:
+        press.check(prompt_len)
+        num_layers = self.parts.cfg.num_layers
+        if len({press.num_kept(prompt_len, layer, num_layers) for layer in range(num_layers)}) > 1:
+            raise KVJaxError(per_layer_message(press))
 
     def step(self) -> list[Sequence]:
         """One scheduled batch; returns the sequences that finished in it."""
@@ -96,31 +122,47 @@ class Engine:
 
     def _run_prefill(self, batch: Batch):
         groups: dict[Any, list[Sequence]] = {}
-        for seq in batch.seqs:
-            groups.setdefault(seq.request.sampling, []).append(seq)  # sampling is a static jit argument
-        for sampling, seqs in groups.items():
-            tokens = self.runner.prefill([s.slot for s in seqs], [s.prompt_ids for s in seqs], sampling,
-                                         self.scheduler.prefill_batch_size)
+        for seq in batch.seqs:  # one prefill per static setting: sampling, observing press, embeds or not
+            request = seq.request
+            press = request.compression if getattr(request.compression, "uses_prefill", False) else None
+            key = (request.sampling, press, request.rope_positions if press else None, request.embeds is not None)
+            groups.setdefault(key, []).append(seq)
+        for (sampling, press, _, has_embeds), seqs in groups.items():
+            tokens, observations = self.runner.prefill(
+                [s.slot for s in seqs], [s.prompt_ids for s in seqs], sampling, self.scheduler.prefill_batch_size,
+                embeds=[s.request.embeds for s in seqs] if has_embeds else None, press=press)
             self.scheduler.after_prefill(Batch("prefill", tuple(seqs)), tokens)
+            if observations is not None:  # compress now, while the prefill's observations match its rows
+                self._compress(seqs, observations)
         now = self.clock()
         for seq in batch.seqs:
             seq.times.setdefault("first_token", now)
         return self._postprocess(batch.seqs, now)
 
     def _run_compress(self, batch: Batch):
-        first = batch.seqs[0].request
-        slots = [s.slot for s in batch.seqs]
-        width = bucket(max(len(self.allocator.pages[s]) for s in slots), self.runner.max_pages_per_seq)
+        self._compress(batch.seqs)
+        return self._postprocess(batch.seqs, self.clock())
+
+    def _compress(self, seqs, observations: Observations | None = None) -> None:
+        """Compress sequences that share one method; with observations, exactly that prefill's rows."""
+        first = seqs[0].request
+        slots = [s.slot for s in seqs]
+        num_pages = max(len(self.allocator.pages[s]) for s in slots)
+        batch = bucket(len(slots), self.scheduler.compress_batch_size)
+        if observations is not None:  # the dense view must cover the prefill's padded batch and tokens
+            num_pages = max(num_pages, self.allocator.pages_for(observations.num_tokens))
+            batch = observations.batch
         before = self.allocator.num_free
         self.runner.cache, new_lens = compress_slots(
-            self.runner.cache, self.allocator, slots, first.compression, [s.request.image_len for s in batch.seqs],
-            width=width, batch=bucket(len(slots), self.scheduler.compress_batch_size),
-            rope_positions=first.rope_positions)
+            self.runner.cache, self.allocator, slots, first.compression, [s.request.image_len for s in seqs],
+            width=bucket(num_pages, self.runner.max_pages_per_seq), batch=batch,
+            rope_positions=first.rope_positions,
+            observations=None if observations is None else observations.values)
         self.stats["pages_freed_by_compression"] += self.allocator.num_free - before
-        self.scheduler.after_compress(batch, new_lens)
-        for seq, length in zip(batch.seqs, new_lens):
+        self.stats["steps"]["compress"] += observations is not None  # the scheduled ones are counted in step
+        self.scheduler.after_compress(Batch("compress", tuple(seqs)), new_lens)
+        for seq, length in zip(seqs, new_lens):
             seq.times["compressed_len"] = length
-        return self._postprocess(batch.seqs, self.clock())
 
     def _run_decode(self, batch: Batch):
         seqs = batch.seqs

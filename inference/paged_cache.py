@@ -193,10 +193,11 @@ class PageAllocator:
 
 
 def compress_slots(cache: PagedKVCache, allocator: PageAllocator, slots, method, image_len, *, width: int,
-                   batch: int | None = None, rope_positions: str | None = None):
-    """Compress the sequences in `slots` with `method` (anything `kvjax.compress` takes that needs no
-    prefill observations) and free their unused pages. width: table width covering every slot's
-    pages; batch: padded batch size (a bucket). Returns (cache, new kv_len per slot as a list)."""
+                   batch: int | None = None, rope_positions: str | None = None, observations=None):
+    """Compress the sequences in `slots` with `method` (anything `kvjax.compress` takes) and free
+    their unused pages. width: table width covering every slot's pages; batch: padded batch size (a
+    bucket); observations: what a press recorded in the prefill of exactly these slots, in this
+    order (`Runner.prefill`; batch must be its padded batch). Returns (cache, new kv_len per slot)."""
     batch = batch or len(slots)
     rows = np.full(batch, allocator.num_slots, np.int32)
     rows[:len(slots)] = slots
@@ -208,9 +209,18 @@ def compress_slots(cache: PagedKVCache, allocator: PageAllocator, slots, method,
         dest[row, :len(owned)] = owned
     lengths = np.zeros(batch, np.int32)
     lengths[:len(slots)] = image_len
-    dense = kvjax.compress(_gather(cache, rows, table), method, lengths, rope_positions=rope_positions)
+    options = {} if observations is None else {"observations": observations}
+    dense = kvjax.compress(_gather(cache, rows, table), method, lengths, rope_positions=rope_positions, **options)
+    if getattr(dense, "layer_kv_len", None) is not None:  # the source cache is untouched: _gather copies
+        raise KVJaxError(per_layer_message(method))
     new_len = np.asarray(dense.kv_len)[:len(slots)].tolist()  # the one sync: pages are freed now
     cache = _scatter(cache, rows, dest, dense)
     for slot, length in zip(slots, new_len):
         allocator.shrink(slot, length)
     return cache, new_len
+
+
+def per_layer_message(method) -> str:
+    return (f"{type(method).__name__} gives each layer its own number of kept tokens, which the paged "
+            "cache cannot hold (one length per sequence); serve it with kvjax.generate on the dense "
+            "KVCache, or use a press with one budget for all layers")

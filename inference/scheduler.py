@@ -22,11 +22,15 @@ from kvjax.sampling import GREEDY, Sampling
 
 @dataclasses.dataclass(kw_only=True)
 class Request:
-    """prompt: token ids or text (the engine needs a tokenizer for text). compression: anything
-    `kvjax.compress` takes without prefill observations (a CCM compressor, a key/value press);
-    image_len: the image prefix for CCM; arrival_s: offset from the start of `Engine.generate`."""
+    """prompt: token ids or text (the engine needs a tokenizer for text). embeds: float [T, H] input
+    embeddings of the prompt instead (a VLM prompt with its image features, e.g. from
+    `kvjax.multimodal.embed_prompt`); prompt may then be omitted. compression: anything
+    `kvjax.compress` takes with one budget for all layers (a CCM compressor, any press, including
+    those that read the prefill); image_len: the image prefix for CCM; arrival_s: offset from the
+    start of `Engine.generate`."""
 
-    prompt: Any
+    prompt: Any = None
+    embeds: Any = None
     max_new_tokens: int = 64
     sampling: Sampling = GREEDY
     compression: Any = None

@@ -3,7 +3,7 @@ under continuous batching with staggered arrivals; page accounting checked after
 
 One engine serves the whole module (its jitted steps compile once per bucketed shape, whatever the
 test), with a small pool that forces queuing and preemption: 8 pages of 8 slots, 4 sequence slots.
-Expected outputs come from three batched reference runs shared by the tests."""
+Expected outputs come from batched reference runs shared by the tests."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 
 import kvjax
 from inference.engine import Engine
+from inference.paged_cache import PageAllocator, PagedKVCache, compress_slots
 from inference.scheduler import Request
 from kvjax.compressors import CompressorConfig, build_compressor
-from kvjax.presses import get_press
+from kvjax.presses import compute_n_kept, get_press
 
 MAX_LEN = 64
 PROMPT_LENS = (5, 17, 30, 9, 28, 12)  # two prompt buckets (16, 32): few compiles
@@ -58,8 +59,9 @@ def engine(tiny_llama):
 
 
 def expected(model, cfg, prompts, max_new, method=None, image_len=0):
-    """What each request gives on its own: generate, or prefill + compress + generate_from. One
-    right-padded batch (rows are independent) with max_new steps; image_len: int or per row."""
+    """What each request gives on its own: generate, or prefill (recording what a press reads) +
+    compress + generate_from. One right-padded batch (rows are independent) with max_new steps;
+    image_len: int or per row."""
     tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt
@@ -68,8 +70,13 @@ def expected(model, cfg, prompts, max_new, method=None, image_len=0):
     if method is None:
         out = kvjax.generate(model, cache, tokens, lengths, max_new_tokens=max_new, eos_ids=()).tokens
     else:
-        logits, cache = kvjax.prefill(model, cache, tokens, lengths)
-        cache = kvjax.compress(cache, method, np.broadcast_to(np.asarray(image_len, np.int32), len(prompts)))
+        options = {}
+        if getattr(method, "uses_prefill", False):
+            logits, cache, options["observations"] = kvjax.presses.prefill(model, cache, tokens, lengths, press=method)
+        else:
+            logits, cache = kvjax.prefill(model, cache, tokens, lengths)
+        cache = kvjax.compress(cache, method, np.broadcast_to(np.asarray(image_len, np.int32), len(prompts)),
+                               **options)
         out = kvjax.generate_from(model, cache, logits, max_new_tokens=max_new, eos_ids=()).tokens
     return [row.tolist() for row in out]
 
@@ -154,3 +161,40 @@ def test_text_prompts_and_errors(engine):
         engine.add_request(Request(prompt="hello"))
     with pytest.raises(kvjax.KVJaxError, match="never fits"):
         engine.add_request(Request(prompt=list(range(3, 3 + MAX_LEN))))
+
+
+def test_presses_that_read_the_prefill_equal_presses_prefill_compress(engine, tiny_llama, prompts):
+    # A 5-token prompt pads to 16 tokens but owns one page of 8: observed attention spans the padding.
+    model, cfg = tiny_llama
+    snapkv = get_press("snapkv", compression_ratio=0.5, window_size=4)
+    observed = get_press("observed_attention", compression_ratio=0.5)
+    chosen = {snapkv: [0, 5], observed: [3, 0]}  # prompts of 5, 12, 9 tokens: one prompt bucket
+    requests = [Request(prompt=prompts[i], max_new_tokens=4, compression=press)
+                for pair in zip(*([(press, i) for i in rows] for press, rows in chosen.items())) for press, i in pair]
+    seqs = run_staggered(engine, requests, arrive_every=3)  # one prefill row: fewer compiles
+    for press, rows in chosen.items():
+        got = [s for s in seqs if s.request.compression is press]
+        assert [s.output for s in got] == expected(model, cfg, [prompts[i] for i in rows], 4, press)
+        assert [s.times["compressed_len"] for s in got] == [compute_n_kept(PROMPT_LENS[i], 0.5) for i in rows]
+    assert engine.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("press", [get_press("pyramidkv", compression_ratio=0.5, window_size=2),
+                                   get_press("l2_compress", keep_ratio=0.5, prune_after=0, skip_layers=(0,))])
+def test_per_layer_budgets_are_refused_up_front(engine, press):
+    num_requests = engine.num_requests
+    with pytest.raises(kvjax.KVJaxError, match="each layer its own number of kept tokens.*kvjax.generate"):
+        engine.add_request(Request(prompt=list(range(3, 43)), compression=press))
+    assert engine.num_requests == num_requests and not engine.scheduler.waiting
+
+
+def test_compress_slots_refuses_a_per_layer_result_and_keeps_the_pages(tiny_llama):
+    _, cfg = tiny_llama
+    allocator = PageAllocator(2, 1, PAGE_SIZE)
+    slot = allocator.open(10)
+    cache = PagedKVCache.for_model(cfg, 2, PAGE_SIZE, 1)
+    cache = PagedKVCache(cache.k_pages + 1.0, cache.v_pages, cache.kv_len + 10, cache.positions + 10)
+    press = get_press("l2_compress", keep_ratio=0.5, prune_after=0, skip_layers=(0,))
+    with pytest.raises(kvjax.KVJaxError, match="layer"):  # compress_slots' message or kvjax.compress's own
+        compress_slots(cache, allocator, [slot], press, [0], width=2)
+    assert allocator.pages[slot] == [0, 1] and allocator.num_free == 0
