@@ -21,12 +21,17 @@ class KVCache:
     kv_len counts valid slots (the next token is written at kv_len; attention reads [0, kv_len)).
     positions is the RoPE position of the next token: it counts real tokens and never shrinks,
     so after compression positions >= kv_len.
+
+    layer_kv_len (optional, None by default) gives each layer its own length, for presses with
+    per-layer budgets (PyramidKV): layer l writes at and reads below layer_kv_len[l], and kv_len
+    is then the largest of them, the slots a sequence occupies (capacity checks stay per sequence).
     """
 
     k: jax.Array  # [L, B, Hkv, S, D], keys after RoPE
     v: jax.Array  # [L, B, Hkv, S, D]
     kv_len: jax.Array  # int32 [B]
     positions: jax.Array  # int32 [B]
+    layer_kv_len: jax.Array | None = None  # int32 [L, B]; None: every layer holds kv_len
 
     @classmethod
     def create(cls, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
@@ -61,9 +66,16 @@ class KVCache:
     def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
 
+    def lengths_per_layer(self) -> jax.Array:
+        """int32 [L, B]: the valid slots of every layer."""
+        if self.layer_kv_len is not None:
+            return self.layer_kv_len
+        return jnp.broadcast_to(self.kv_len, (self.num_layers, self.batch))
+
     def used_bytes(self) -> np.ndarray:
         """Bytes of K and V held in valid slots, per sequence [B] (host array; syncs). Counts every
         leaf of k and v, so a quantized cache's scales are included (kvjax.quantization)."""
         leaves = jax.tree.leaves((self.k, self.v))
         per_slot = sum(leaf.size // (self.batch * self.max_len) * leaf.dtype.itemsize for leaf in leaves)
-        return np.asarray(self.kv_len, np.int64) * per_slot
+        layer_slots = np.asarray(self.lengths_per_layer(), np.int64).sum(axis=0)  # [B], over layers
+        return layer_slots * (per_slot // self.num_layers)

@@ -43,19 +43,24 @@ def split(model) -> SplitModel:
     return SplitModel(graphdef, state, model.cfg)
 
 
-def forward_hidden(graphdef, state, cache: KVCache, tokens, lengths, embeds=None):
+def forward_hidden(graphdef, state, cache: KVCache, tokens, lengths, embeds=None, tap=None):
     """Traceable core of prefill (use inside your own jit/grad, e.g. training): tokens int32 [B, T]
     (right-padded), lengths int32 [B] -> (hidden [B, T, H] after the final norm, cache with the
-    chunk appended). Logits: `nnx.merge(graphdef, state).logits(hidden)`."""
+    chunk appended). Logits: `nnx.merge(graphdef, state).logits(hidden)`.
+    tap(layer, self_attn, h): called with each layer's attention input at trace time (presses)."""
     model = nnx.merge(graphdef, state)
-    num_new = tokens.shape[1]
-    offsets = jnp.arange(num_new, dtype=jnp.int32)[None, :]
-    slots = cache.kv_len[:, None] + offsets  # [B, T]
+    offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    layer_kv_len = getattr(cache, "layer_kv_len", None)  # the paged batch view has none
+    base = cache.kv_len if layer_kv_len is None else layer_kv_len  # [B] or [L, B] (per-layer budgets)
+    slots = base[..., None] + offsets  # [B, T] or [L, B, T]
     write_slots = jnp.where(offsets < lengths[:, None], slots, cache.max_len)  # max_len = dropped
     positions = cache.positions[:, None] + offsets
     x = model.embed(tokens) if embeds is None else embeds.astype(cache.k.dtype)
-    hidden, k, v = model(x, positions, cache.k, cache.v, write_slots, slots + 1)
-    return hidden, cache.replace(k=k, v=v, kv_len=cache.kv_len + lengths, positions=cache.positions + lengths)
+    hidden, k, v = model(x, positions, cache.k, cache.v, write_slots, slots + 1, tap)
+    changes = dict(k=k, v=v, kv_len=cache.kv_len + lengths, positions=cache.positions + lengths)
+    if layer_kv_len is not None:
+        changes["layer_kv_len"] = layer_kv_len + lengths
+    return hidden, cache.replace(**changes)
 
 
 def _forward(graphdef, state, cache: KVCache, tokens, lengths, embeds, all_logits: bool):

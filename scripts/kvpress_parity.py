@@ -25,6 +25,7 @@ CASES = {  # kvpress class -> (kvjax registry name, kwargs)
     "KnormPress": ("knorm", {}),
     "StreamingLLMPress": ("streaming_llm_press", {}),
     "SnapKVPress": ("snapkv", {"window_size": 8}),
+    "PyramidKVPress": ("pyramidkv", {"window_size": 8}),  # per-layer budgets
     "ExpectedAttentionPress": ("expected_attention", {}),
     "TOVAPress": ("tova", {}),
     "ObservedAttentionPress": ("observed_attention", {}),

@@ -112,10 +112,14 @@ class CausalLM(nnx.Module):
 
     def __call__(self, embeds, positions, cache_k, cache_v, write_slots, visible_len, tap=None):
         """embeds [B, T, H] -> final hidden states [B, T, H] and the updated cache arrays.
+        write_slots, visible_len: int32 [B, T], or [L, B, T] when layers hold different lengths.
         tap(layer, self_attn, h [B, T, H]) is called with each layer's attention input if given."""
         x = embeds
         for layer, block in enumerate(self.model.layers):
-            x, cache_k, cache_v = block(x, positions, cache_k, cache_v, layer, write_slots, visible_len, tap)
+            per_layer = write_slots.ndim == 3
+            x, cache_k, cache_v = block(x, positions, cache_k, cache_v, layer,
+                                        write_slots[layer] if per_layer else write_slots,
+                                        visible_len[layer] if per_layer else visible_len, tap)
         return self.model.norm(x), cache_k, cache_v
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -10,7 +10,8 @@ Key/value-only presses need no observations: `kvjax.compress(kvjax.prefill(...)[
 from __future__ import annotations
 
 from kvjax.errors import KVJaxError
-from kvjax.presses.apply import apply_press, compress_prompt, compress_with_press, kept_tokens, parse_options, prefill
+from kvjax.presses.apply import (apply_press, compress_prompt, compress_with_press, forward_observed, kept_tokens,
+                                 parse_options, prefill)
 from kvjax.presses.base import Press, PressInputs, ScorerPress, compute_n_kept
 from kvjax.presses.expected import ExpectedAttentionPress
 from kvjax.presses.keynorm import FixSizeL2Press, KnormPress, L2CompressPress
@@ -51,5 +52,5 @@ def get_press(name: str, **kwargs) -> Press:
 
 __all__ = [
     "Press", "PressInputs", "ScorerPress", "compute_n_kept", "apply_press", "compress_with_press", "kept_tokens",
-    "prefill", "compress_prompt", "parse_options", "list_presses", "get_press", "PRESSES", *(cls.__name__ for cls in PRESSES.values()),
+    "prefill", "forward_observed", "compress_prompt", "parse_options", "list_presses", "get_press", "PRESSES", *(cls.__name__ for cls in PRESSES.values()),
 ]

@@ -19,6 +19,7 @@ from kvjax.cache import KVCache
 from kvjax.errors import KVJaxError
 from kvjax.presses.base import PROTECTED, Press, PressInputs, ScorerPress, slot_index
 from kvjax.quantization import is_quantized
+from kvjax.steps import _prepare, forward_hidden, split
 from pallas_kernels.compact_kv import compact_kv
 
 ROPE_POSITIONS = ("original", "compressed")
@@ -30,108 +31,151 @@ def _traced(press: Press) -> Press:
     return dataclasses.replace(press, compression_ratio=0.0) if isinstance(press, ScorerPress) else press
 
 
-def kept_mask(press: Press, inputs: PressInputs, n_kept, protect_first) -> jax.Array:
+def _top_rows(scores: jax.Array, n_kept: jax.Array) -> jax.Array:
+    """bool mask of the n_kept highest scores of every row, ties to the lower slot.
+
+    One value sort finds each row's n_kept-th score; a cumsum breaks its ties. This replaces
+    argsort + inverse argsort (about 3x faster on CPU) and keeps n_kept dynamic (one compile)."""
+    descending = -jnp.sort(-scores, axis=-1)
+    threshold = jnp.take_along_axis(descending, jnp.maximum(n_kept - 1, 0), axis=-1)
+    above, tied = scores > threshold, scores == threshold
+    room = n_kept - above.sum(axis=-1, keepdims=True)
+    return (above | (tied & (jnp.cumsum(tied, axis=-1) <= room))) & (n_kept > 0)
+
+
+def kept_mask(press: Press, inputs: PressInputs, n_kept, protect_first, protect_last=None) -> jax.Array:
     """bool [L, B, Hkv, S]: the top n_kept[l, b] valid slots of every row (traceable).
 
-    n_kept int32 [L, B]; protect_first int32 [B]: leading slots always kept (e.g. the image).
-    Ties go to the lower slot (kvpress leaves tie order to torch.topk)."""
+    n_kept int32 [L, B]; protect_first / protect_last int32 [B]: leading (image) / trailing
+    (question) slots always kept, within n_kept. Ties go to the lower slot (kvpress leaves tie
+    order to torch.topk)."""
     scores = press.score(inputs).astype(jnp.float32)
-    slots = slot_index(inputs)
-    scores = jnp.where((slots[None, :] < protect_first[:, None])[None, :, None], PROTECTED, scores)
-    # Padding gets the lowest score; the lowest finite value keeps the argsort NaN-free.
-    valid = (slots[None, :] < inputs.kv_len[:, None])[None, :, None]
-    scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
-    order = jnp.argsort(-scores, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1)  # inverse permutation: each slot's place in the ranking
-    return rank < n_kept[:, :, None, None]
+    slots = slot_index(inputs)[None, :]
+    kv_len = inputs.kv_len[:, None]
+    protected = slots < protect_first[:, None]
+    if protect_last is not None:
+        protected |= slots >= kv_len - protect_last[:, None]
+    lowest = jnp.finfo(jnp.float32).min  # padding; also NaN scores, so every row keeps exactly n_kept
+    scores = jnp.where(protected[None, :, None], PROTECTED, jnp.nan_to_num(scores, nan=lowest))
+    scores = jnp.where((slots < kv_len)[None, :, None], scores, lowest)
+    return _top_rows(scores, n_kept[:, :, None, None])
+
+
+def kept_first(kept: jax.Array, n_kept: jax.Array) -> jax.Array:
+    """int32 [L, B, Hkv, S] compaction plan: slot j < n_kept[l, b] takes the j-th kept slot (in
+    positional order); slots past n_kept (per-layer budgets) stay where they are."""
+    slots = jnp.arange(kept.shape[-1], dtype=jnp.int32)
+    dest = jnp.where(kept, jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - 1, kept.shape[-1])  # S = dropped
+
+    def row(d):
+        return slots.at[d].set(slots, mode="drop")
+
+    return jax.vmap(jax.vmap(jax.vmap(row)))(dest)
 
 
 def apply_press(cache: KVCache, press: Press, n_kept, protect_first, observations=None, *,
-                rope_positions: str = "original", mode: str | None = None) -> KVCache:
-    """Traceable press step (use inside your own jit). n_kept int32 [L, B] must be equal across layers."""
+                protect_last=None, rope_positions: str = "original", mode: str | None = None,
+                per_layer: bool = False) -> KVCache:
+    """Traceable press step (use inside your own jit). n_kept int32 [L, B]; with per_layer=False it
+    must be equal across layers, else the cache gets `layer_kv_len` = n_kept."""
     inputs = PressInputs(cache.k, cache.v, cache.kv_len, cache.positions, observations)
-    kept = kept_mask(press, inputs, n_kept, protect_first)
-    src = jnp.argsort(~kept, axis=-1, stable=True).astype(jnp.int32)  # kept slots first, ascending
-    new_len = n_kept[0].astype(jnp.int32)
-    k, v = compact_kv(cache.k, cache.v, src, new_len, mode=mode)
+    kept = kept_mask(press, inputs, n_kept, protect_first, protect_last)
+    n_kept = n_kept.astype(jnp.int32)
+    new_len = n_kept.max(axis=0) if per_layer else n_kept[0]
+    k, v = compact_kv(cache.k, cache.v, kept_first(kept, n_kept), new_len, mode=mode)
     positions = cache.positions if rope_positions == "original" else new_len
-    return cache.replace(k=k, v=v, kv_len=new_len, positions=positions)
+    return cache.replace(k=k, v=v, kv_len=new_len, positions=positions, layer_kv_len=n_kept if per_layer else None)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 5, 6), donate_argnums=(0,))
-def _compress(cache, press, n_kept, protect_first, observations, rope_positions, mode):
-    return apply_press(cache, press, n_kept, protect_first, observations, rope_positions=rope_positions, mode=mode)
+@functools.partial(jax.jit, static_argnums=(1, 6, 7, 8), donate_argnums=(0,))
+def _compress(cache, press, n_kept, protect_first, protect_last, observations, rope_positions, mode, per_layer):
+    return apply_press(cache, press, n_kept, protect_first, observations, protect_last=protect_last,
+                       rope_positions=rope_positions, mode=mode, per_layer=per_layer)
 
 
 _kept_mask = jax.jit(kept_mask, static_argnums=(0,))
 
 
-def plan(cache: KVCache, press: Press, observations=None, image_len=None):
-    """Host side of a press call: n_kept [L, B] by the press's Python rule, protect_first [B]."""
+def _per_row(name: str, values, batch: int) -> np.ndarray:
+    values = np.zeros(batch, np.int32) if values is None else np.broadcast_to(np.asarray(values, np.int32), (batch,))
+    if (values < 0).any():
+        raise KVJaxError(f"{name} must be {batch} non-negative integers (one per sequence), got {values}")
+    return values
+
+
+def plan(cache: KVCache, press: Press, observations=None, image_len=None, protect_last=None):
+    """Host side of a press call: n_kept [L, B] by the press's Python rule, protect_first [B],
+    protect_last [B]. Protected trailing tokens (the question) are kept on top of the budget, which
+    applies to the rest (the context), as kvpress compresses the context only."""
     if not isinstance(press, Press):
         raise KVJaxError(f"expected a press, got {type(press).__name__}")
     if is_quantized(cache):
         raise KVJaxError("presses score and compact a dense cache: apply the press first, then quantize")
+    if cache.layer_kv_len is not None:
+        raise KVJaxError("this cache was already pressed with per-layer budgets; press a fresh prefill instead")
     if press.uses_prefill and observations is None:
         raise KVJaxError(f"{type(press).__name__} reads queries/attention from the prefill: run "
                          "kvjax.presses.prefill(model, cache, tokens, press=...) and pass its observations=")
     kv_len = np.asarray(cache.kv_len)
-    for n in kv_len:
+    protect_first = _per_row("image_len", image_len, cache.batch)
+    protect_last = _per_row("protect_last", protect_last, cache.batch)
+    if (protect_last > kv_len).any():
+        raise KVJaxError(f"protect_last {protect_last.tolist()} exceeds the cached lengths {kv_len.tolist()}")
+    context = kv_len - protect_last
+    for n in context:
         if n > 0:
             press.check(int(n))
-    n_kept = np.array([[press.num_kept(int(n), layer, cache.num_layers) if n > 0 else 0 for n in kv_len]
-                       for layer in range(cache.num_layers)], np.int32)
-    protect_first = np.zeros(cache.batch, np.int32) if image_len is None else np.asarray(image_len, np.int32)
-    if protect_first.shape != (cache.batch,) or (protect_first < 0).any():
-        raise KVJaxError(f"image_len must be {cache.batch} non-negative integers, got {protect_first}")
-    return jnp.asarray(n_kept), jnp.asarray(protect_first)
+    n_kept = np.array([[press.num_kept(int(n), layer, cache.num_layers) if n > 0 else 0 for n in context]
+                       for layer in range(cache.num_layers)], np.int32) + protect_last
+    return jnp.asarray(n_kept), jnp.asarray(protect_first), jnp.asarray(protect_last)
 
 
 def compress_with_press(cache: KVCache, press: Press, image_len=None, *, observations=None,
-                        protect_image: bool = False, rope_positions: str | None = None,
+                        protect_image: bool = False, protect_last=None, rope_positions: str | None = None,
                         mode: str | None = None) -> KVCache:
     """The press step: jitted, cache donated; kv_len shrinks to n_kept, positions stay ('original').
 
-    protect_image=True always keeps each row's first image_len slots (they still count in n)."""
+    protect_image=True always keeps each row's first image_len slots (they still count in n).
+    protect_last (int or [B]): each row's last tokens, e.g. the question, are kept outside the
+    budget. Presses with per-layer budgets (PyramidKV) give the cache a `layer_kv_len`."""
     rope_positions = rope_positions or "original"
     if rope_positions not in ROPE_POSITIONS:
         raise KVJaxError(f"rope_positions must be one of {', '.join(ROPE_POSITIONS)}; got {rope_positions!r}")
-    n_kept, protect_first = plan(cache, press, observations, image_len)
+    n_kept, protect_first, protect_last = plan(cache, press, observations, image_len, protect_last)
     if not protect_image:
         protect_first = jnp.zeros_like(protect_first)
-    if (np.asarray(n_kept) != np.asarray(n_kept[0])).any():
-        raise KVJaxError(
-            f"{type(press).__name__} keeps a different number of tokens per layer {np.asarray(n_kept)[:, 0].tolist()}; "
-            "the dense KVCache has one kv_len per sequence, so it cannot hold per-layer budgets. "
-            "Use kvjax.presses.kept_tokens to inspect them, or a press with one budget for all layers")
-    return _compress(cache, _traced(press), n_kept, protect_first, observations, rope_positions, mode)
+    per_layer = bool((np.asarray(n_kept) != np.asarray(n_kept[0])).any())
+    return _compress(cache, _traced(press), n_kept, protect_first, protect_last, observations, rope_positions,
+                     mode, per_layer)
 
 
-def kept_tokens(cache: KVCache, press: Press, observations=None, image_len=None) -> np.ndarray:
+def kept_tokens(cache: KVCache, press: Press, observations=None, image_len=None, protect_last=None) -> np.ndarray:
     """bool [L, B, Hkv, S] host array: which slots the press keeps (per-layer budgets allowed)."""
-    n_kept, protect_first = plan(cache, press, observations, image_len)
+    n_kept, protect_first, protect_last = plan(cache, press, observations, image_len, protect_last)
     inputs = PressInputs(cache.k, cache.v, cache.kv_len, cache.positions, observations)
-    return np.asarray(_kept_mask(_traced(press), inputs, n_kept, protect_first))
+    return np.asarray(_kept_mask(_traced(press), inputs, n_kept, protect_first, protect_last))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def _prefill(graphdef, state, cache, tokens, lengths, embeds, press):
-    # A fresh prefill (checked by the caller): token t sits in slot t at position t.
-    model = nnx.merge(graphdef, state)
-    offsets = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    write_slots = jnp.where(offsets < lengths[:, None], offsets, cache.max_len)  # max_len = dropped
+def forward_observed(graphdef, state, cache: KVCache, tokens, lengths, embeds=None, *, press: Press):
+    """Traceable `kvjax.steps.forward_hidden` of a fresh prompt that also records what `press`
+    reads (per layer, stacked on axis 0; None for key/value-only presses). Returns
+    (hidden, cache, observations). The serving engine uses it on its paged batches."""
     observed = []
 
     def tap(layer, attn, h):
         observed.append(press.observe(attn, h, lengths))
 
-    x = model.embed(tokens) if embeds is None else embeds.astype(cache.k.dtype)
-    hidden, k, v = model(x, offsets, cache.k, cache.v, write_slots, offsets + 1,
-                         tap if press.uses_prefill else None)
-    cache = cache.replace(k=k, v=v, kv_len=lengths, positions=lengths)
-    last = jnp.maximum(lengths - 1, 0)[:, None, None]
-    logits = model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0])
+    hidden, cache = forward_hidden(graphdef, state, cache, tokens, lengths, embeds,
+                                   tap if press.uses_prefill else None)
     observations = jax.tree.map(lambda *xs: jnp.stack(xs), *observed) if observed else None
+    return hidden, cache, observations
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
+def _prefill(graphdef, state, cache, tokens, lengths, embeds, press):
+    hidden, cache, observations = forward_observed(graphdef, state, cache, tokens, lengths, embeds, press=press)
+    last = jnp.maximum(lengths - 1, 0)[:, None, None]
+    logits = nnx.merge(graphdef, state).logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0])
     return logits, cache, observations
 
 
@@ -140,8 +184,6 @@ def prefill(model, cache: KVCache, tokens, lengths=None, embeds=None, *, press: 
     prefill (window queries, query statistics, attention sums; nothing for key-only presses).
 
     Returns (logits [B, V], cache, observations); pass observations= to `kvjax.compress`."""
-    from kvjax.steps import _prepare, split  # one validation for all prefills
-
     parts = split(model)
     tokens, lengths = _prepare(cache, tokens, lengths, embeds)
     if np.asarray(cache.kv_len).any():

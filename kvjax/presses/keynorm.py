@@ -34,8 +34,8 @@ class L2CompressPress(Press):
     tokens keeps its ceil(keep_ratio * n) lowest-norm keys per KV head.
 
     Assumptions (the issue is the spec): ceil as in the l2compress reference code; layers in
-    skip_layers keep everything, which gives per-layer budgets that the dense cache cannot hold
-    (`kvjax.compress` refuses them; `kept_tokens` shows them)."""
+    skip_layers keep everything, so the pressed cache holds one length per layer
+    (`KVCache.layer_kv_len`) unless no layer is skipped."""
 
     keep_ratio: float = 1.0
     prune_after: int = 2048

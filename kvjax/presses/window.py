@@ -71,9 +71,8 @@ def pyramid_budgets(n: int, ratio: float, window: int, beta: int, num_layers: in
 @dataclasses.dataclass(frozen=True, slots=True)
 class PyramidKVPress(SnapKVPress):
     """kvpress PyramidKVPress (Cai et al., "PyramidKV", arXiv 2406.02069): SnapKV scores with
-    budgets that shrink linearly with depth. Different budgets per layer do not fit the dense
-    cache (one kv_len per sequence), so `kvjax.compress` accepts it only where kvpress falls back
-    to one budget; `kept_tokens` shows the per-layer sets."""
+    budgets that shrink linearly with depth. `kvjax.compress` gives the cache one length per
+    layer (`KVCache.layer_kv_len`); decode then reads and appends per layer."""
 
     beta: int = 20
 

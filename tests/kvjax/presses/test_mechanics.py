@@ -75,6 +75,25 @@ def test_ragged_rows_equal_rows_alone(one_layer, name, kwargs):
         np.testing.assert_array_equal(both[:, row], kept_tokens(cache, press, obs)[:, 0])
 
 
+def test_protect_last_keeps_the_question_outside_the_budget(one_layer):
+    model, cfg, _ = one_layer
+    lens = np.array([30, 12], np.int32)
+    tokens = ragged_batch(lens, 32, seed=2)
+    _, cache = kvjax.prefill(model, kvjax.KVCache.for_model(cfg, 2, 40), tokens, lens)
+    press = get_press("knorm", compression_ratio=0.75)
+    question = np.array([5, 3])
+    kept = kept_tokens(cache, press, protect_last=question)
+    norms = np.linalg.norm(np.asarray(cache.k), axis=-1)  # [L, B, Hkv, S]
+    for b, (n, q) in enumerate(zip(lens, question)):
+        context = n - q
+        want_context = np.sort(np.argsort(norms[0, b, 0, :context], kind="stable")[:compute_n_kept(context, 0.75)])
+        np.testing.assert_array_equal(np.flatnonzero(kept[0, b, 0]), np.r_[want_context, context:n])
+    out = kvjax.compress(cache, press, protect_last=question)
+    np.testing.assert_array_equal(np.asarray(out.kv_len), [compute_n_kept(25, 0.75) + 5, compute_n_kept(9, 0.75) + 3])
+    with pytest.raises(kvjax.KVJaxError, match="protect_last"):
+        kept_tokens(out, press, protect_last=[50, 0])
+
+
 @pytest.mark.parametrize("name,kwargs", [("snapkv", {"window_size": 4}), ("knorm", {})])
 def test_decode_after_press_equals_torch_over_kept_tokens(one_layer, name, kwargs):
     model, cfg, torch_model = one_layer  # one KV head: torch can drop the same tokens

@@ -2,6 +2,7 @@
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -71,9 +72,60 @@ def test_pyramidkv_budgets_and_sets(setup):
         want = ref.top_sets(ref.snapkv(t, 4, 5), budgets[layer])
         for head in range(cfg.num_kv_heads):
             np.testing.assert_array_equal(got[layer][head], want[head])
-    cache = prefill(model, kvjax.KVCache.for_model(cfg, 1, 64), prompt[None], press=press)
-    with pytest.raises(kvjax.KVJaxError, match="per layer"):
-        kvjax.compress(cache[1], press, observations=cache[2])
+
+
+def torch_decode_over_layer_sets(torch_model, prompt, kept, num_new):
+    """Greedy logits of torch decoding over a cache that holds, per layer and KV head, only the
+    kept prompt tokens (layers of different lengths: sdpa needs no mask for one query)."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        out = torch_model(torch.tensor(prompt[None]), use_cache=True)
+        past = DynamicCache()
+        for layer, full in enumerate(out.past_key_values.layers):
+            index = torch.tensor(np.stack(kept[layer]))[None, :, :, None].expand(-1, -1, -1, full.keys.shape[-1])
+            past.update(full.keys.gather(2, index), full.values.gather(2, index), layer)
+        token, logits = int(out.logits[0, -1].argmax()), []
+        for step in range(num_new):
+            out = torch_model(torch.tensor([[token]]), position_ids=torch.tensor([[len(prompt) + step]]),
+                              past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits[0, -1].numpy())
+            token = int(logits[-1].argmax())
+    return np.stack(logits)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("pyramidkv", dict(compression_ratio=0.5, window_size=4, beta=2)),
+    ("l2_compress", dict(keep_ratio=0.5, prune_after=0, skip_layers=(1,))),
+])
+def test_per_layer_budgets_compress_and_decode_like_torch(setup, name, kwargs):
+    model, cfg, torch_model, prompt, _ = setup
+    press = get_press(name, **kwargs)
+    budgets = [press.num_kept(N, layer, cfg.num_layers) for layer in range(cfg.num_layers)]
+    assert len(set(budgets)) > 1
+    logits, cache, obs = prefill(model, kvjax.KVCache.for_model(cfg, 1, 64), prompt[None], press=press)
+    kept = [[np.flatnonzero(head) for head in layer[0]] for layer in kept_tokens(cache, press, obs)]
+    full_k = np.asarray(cache.k)
+    cache = kvjax.compress(cache, press, observations=obs)
+    np.testing.assert_array_equal(np.asarray(cache.layer_kv_len)[:, 0], budgets)
+    assert int(cache.kv_len[0]) == max(budgets) and int(cache.positions[0]) == N
+    for layer, budget in enumerate(budgets):  # kept tokens first, in positional order
+        for head in range(cfg.num_kv_heads):
+            np.testing.assert_array_equal(np.asarray(cache.k)[layer, 0, head, :budget],
+                                          full_k[layer, 0, head, kept[layer][head]])
+    assert int(cache.used_bytes()[0]) == sum(budgets) * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+
+    want = torch_decode_over_layer_sets(torch_model, prompt, kept, num_new=4)
+    token, got = jnp.argmax(logits, axis=-1).astype(jnp.int32), []
+    for _ in range(4):
+        step_logits, cache = kvjax.decode_step(model, cache, token)
+        got.append(np.asarray(step_logits[0]))
+        token = jnp.argmax(step_logits, axis=-1).astype(jnp.int32)
+    np.testing.assert_allclose(np.stack(got), want, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache.layer_kv_len)[:, 0], np.array(budgets) + 4)
+    with pytest.raises(kvjax.KVJaxError, match="per-layer budgets"):
+        kvjax.compress(cache, get_press("knorm", compression_ratio=0.5))
 
 
 SEED_CASES = [
