@@ -103,10 +103,9 @@ class ChatSession:
         cache = self.kvjax.KVCache.for_model(self.cfg, 1, self.args.max_tokens, self.cache_dtype)
         compresses = self.compressor is not None or self.press is not None or self.args.kv_quantize != "none"
         return self.kvjax.stream(self.parts, cache, tokens, np.array([len(ids)]), embeds=embeds,
-                                 max_new_tokens=max_new_tokens, sampling=self.sampling,
-                                 eos_ids=self.eos_ids, seed=self.args.seed, on_prefill=on_prefill,
-                                 after_prefill=(lambda c: self._compress(c, tokens, len(ids), embeds)) if compresses
-                                 else None)
+                                 max_new_tokens=max_new_tokens, sampling=self.sampling, eos_ids=self.eos_ids,
+                                 seed=self.args.seed, on_prefill=on_prefill, after_prefill=(lambda c: self._compress(
+                                     c, tokens, len(ids), embeds)) if compresses else None)
 
     def _compress(self, cache, tokens, num_tokens, embeds):
         image_len = self.args.kv_compress_image_len or (self.vision.image_len if self.vision is not None else 0)
@@ -119,6 +118,11 @@ class ChatSession:
             cache = compress_prompt(self.parts, cache, tokens, [num_tokens], embeds, press=self.press,
                                     image_len=[image_len], protect_image=protect in ("image", "both"),
                                     protect_last=[self.question_len] if protect in ("question", "both") else None)
+            if protect == "both" and image_len + self.question_len > int(cache.kv_len[0]):
+                # The protected image counts in the budget and wins ties (lower slots): the question lost some.
+                print(f"kvjax: the image ({image_len} tokens) and question ({self.question_len}) exceed the "
+                      f"{int(cache.kv_len[0])} kept; part of the question was dropped: lower --compression-ratio",
+                      file=sys.stderr)
         elif self.compressor is not None:
             cache = self.kvjax.compress(cache, self.compressor, [image_len],
                                         rope_positions=self.args.kv_compress_positions)
@@ -147,11 +151,10 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": question})
         encode = (lambda m: encode_chat(self.tokenizer, m)) if self.vision is None else self.vision.encode
-        if self.args.press_protect in ("question", "both"):
-            context_ids = encode(self.messages[:-1] + [{"role": "user", "content": ""}])
+        protects_question = self.args.press_protect in ("question", "both")
+        context_ids = encode(self.messages[:-1] + [{"role": "user", "content": ""}]) if protects_question else []
         ids = encode(self.messages)  # last: the vision prompter keeps the last encoded prompt's image mask
-        if self.args.press_protect in ("question", "both"):
-            self.question_len = question_len(ids, context_ids)
+        self.question_len = question_len(ids, context_ids) if protects_question else 0
         if self.args.time:
             self._warm_up(ids)
         start = time.perf_counter()
@@ -198,10 +201,9 @@ class ChatSession:
 
 
 def question_len(ids: list[int], context_ids: list[int]) -> int:
-    """Prompt tokens after the point where `ids` and `context_ids` (the same conversation with the
-    latest user message emptied) part: that message's text and the template's tail (end of turn,
-    assistant prefix). Comparing two renderings works for every template and for image prompts
-    (the image precedes the text); the user-role header stays with the context, as in kvpress."""
+    """Prompt tokens after `ids` parts from `context_ids` (the conversation with the latest user message
+    emptied): that message's text and the template's tail (end of turn, assistant prefix). Works for any
+    template and image prompts (the image precedes the text); the role header stays in the context."""
     common = next((i for i, (a, b) in enumerate(zip(ids, context_ids)) if a != b), min(len(ids), len(context_ids)))
     return len(ids) - common
 
