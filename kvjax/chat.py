@@ -118,11 +118,11 @@ class ChatSession:
             cache = compress_prompt(self.parts, cache, tokens, [num_tokens], embeds, press=self.press,
                                     image_len=[image_len], protect_image=protect in ("image", "both"),
                                     protect_last=[self.question_len] if protect in ("question", "both") else None)
-            if protect == "both" and image_len + self.question_len > int(cache.kv_len[0]):
-                # The protected image counts in the budget and wins ties (lower slots): the question lost some.
-                print(f"kvjax: the image ({image_len} tokens) and question ({self.question_len}) exceed the "
-                      f"{int(cache.kv_len[0])} kept; part of the question was dropped: lower --compression-ratio",
-                      file=sys.stderr)
+            question = self.question_len if protect in ("question", "both") else 0
+            if protect in ("image", "both") and image_len + question > int(cache.kv_len[0]):
+                # The protected image counts in the context's budget (the question is outside it).
+                print(f"kvjax: the image ({image_len} tokens) exceeds the {int(cache.kv_len[0]) - question} "
+                      "context tokens kept; part of it was dropped: lower --compression-ratio", file=sys.stderr)
         elif self.compressor is not None:
             cache = self.kvjax.compress(cache, self.compressor, [image_len],
                                         rope_positions=self.args.kv_compress_positions)

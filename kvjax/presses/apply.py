@@ -52,11 +52,11 @@ def kept_mask(press: Press, inputs: PressInputs, n_kept, protect_first, protect_
     scores = press.score(inputs).astype(jnp.float32)
     slots = slot_index(inputs)[None, :]
     kv_len = inputs.kv_len[:, None]
-    protected = slots < protect_first[:, None]
-    if protect_last is not None:
-        protected |= slots >= kv_len - protect_last[:, None]
     lowest = jnp.finfo(jnp.float32).min  # padding; also NaN scores, so every row keeps exactly n_kept
-    scores = jnp.where(protected[None, :, None], PROTECTED, jnp.nan_to_num(scores, nan=lowest))
+    scores = jnp.where((slots < protect_first[:, None])[None, :, None], PROTECTED,
+                       jnp.nan_to_num(scores, nan=lowest))
+    if protect_last is not None:  # the question outranks even a protected image: it is outside the budget
+        scores = jnp.where((slots >= kv_len - protect_last[:, None])[None, :, None], jnp.inf, scores)
     scores = jnp.where((slots < kv_len)[None, :, None], scores, lowest)
     return _top_rows(scores, n_kept[:, :, None, None])
 

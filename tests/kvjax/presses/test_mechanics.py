@@ -88,6 +88,9 @@ def test_protect_last_keeps_the_question_outside_the_budget(one_layer):
         context = n - q
         want_context = np.sort(np.argsort(norms[0, b, 0, :context], kind="stable")[:compute_n_kept(context, 0.75)])
         np.testing.assert_array_equal(np.flatnonzero(kept[0, b, 0]), np.r_[want_context, context:n])
+    both = kept_tokens(cache, press, image_len=[20, 8], protect_last=question)  # images beyond the budget
+    for b, (n, q) in enumerate(zip(lens, question)):
+        assert both[0, b, 0, n - q:n].all() and both[0, b, 0].sum() == compute_n_kept(n - q, 0.75) + q
     out = kvjax.compress(cache, press, protect_last=question)
     np.testing.assert_array_equal(np.asarray(out.kv_len), [compute_n_kept(25, 0.75) + 5, compute_n_kept(9, 0.75) + 3])
     with pytest.raises(kvjax.KVJaxError, match="protect_last"):
