@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from flax import nnx
 
@@ -31,14 +32,30 @@ def _traced(press: Press) -> Press:
     return dataclasses.replace(press, compression_ratio=0.0) if isinstance(press, ScorerPress) else press
 
 
-def _top_rows(scores: jax.Array, n_kept: jax.Array) -> jax.Array:
-    """bool mask of the n_kept highest scores of every row, ties to the lower slot.
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (flip negatives, set the sign bit of the rest);
+    -0.0 (and denormals, which XLA on CPU flushes) become 0.0 first, as they compare equal."""
+    bits = lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
-    One value sort finds each row's n_kept-th score; a cumsum breaks its ties. This replaces
-    argsort + inverse argsort (about 3x faster on CPU) and keeps n_kept dynamic (one compile)."""
-    descending = -jnp.sort(-scores, axis=-1)
-    threshold = jnp.take_along_axis(descending, jnp.maximum(n_kept - 1, 0), axis=-1)
-    above, tied = scores > threshold, scores == threshold
+
+def _top_rows(scores: jax.Array, n_kept: jax.Array) -> jax.Array:
+    """bool mask of the n_kept highest scores of every row (no NaN), ties to the lower slot.
+
+    A radix select finds each row's n_kept-th largest score: 32 halvings of the uint32 key range,
+    each one count per row, with n_kept dynamic (one compile for every ratio). On CPU it is ~10x
+    faster than sorting the row; a cumsum then breaks ties at the threshold by slot."""
+    keys = _ordered_bits(scores)
+
+    def halve(_, bounds):  # invariant: count(keys >= lo) >= n_kept, and the answer is <= hi
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        enough = (keys >= mid).sum(axis=-1, keepdims=True) >= n_kept
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    start = jnp.zeros(scores.shape[:-1] + (1,), jnp.uint32)
+    threshold, _ = lax.fori_loop(0, 32, halve, (start, start + jnp.uint32(0xFFFFFFFF)))
+    above, tied = keys > threshold, keys == threshold
     room = n_kept - above.sum(axis=-1, keepdims=True)
     return (above | (tied & (jnp.cumsum(tied, axis=-1) <= room))) & (n_kept > 0)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _dispatch
-from pallas_kernels.compact_kv import compact_kv, compact_kv_pallas, compact_kv_reference
+from pallas_kernels.compact_kv import compact_kv, compact_kv_chunked, compact_kv_pallas, compact_kv_reference
 from tests.pallas_kernels._util import fast_jit, normal, poison_past
 
 # (layers, batch, heads, max_len, head_dim, num_dst, num_new, per_layer, per_head, dtype, block_n)
@@ -60,6 +60,23 @@ def test_pallas_equals_reference_in_place(case):
         got, before = np.asarray(got), np.asarray(before)
         for b, n in enumerate(new_len):
             assert got[:, b, :, n:].tobytes() == before[:, b, :, n:].tobytes()
+
+
+@pytest.mark.parametrize("chunk", [16, 7, 256])  # 7: the shifted last chunk; 256: one chunk
+@pytest.mark.parametrize("case", CASES[:3] + CASES[4:], ids=lambda c: "l{}b{}h{}s{}d{}n{}m{}".format(*c[:7]))
+def test_chunked_cpu_path_equals_reference(case, chunk):
+    layers, batch, heads, max_len, head_dim, num_dst, num_new, _, _, dtype, _ = case
+    rng = np.random.default_rng(sum(case[:7]) + chunk)
+    new_len, old_len, src = _plan(rng, case)
+    k, v = (normal(rng, (layers, batch, heads, max_len, head_dim), dtype) for _ in range(2))
+    new = [None, None]
+    if num_new:
+        new = [jnp.asarray(normal(rng, (layers, batch, heads, num_new, head_dim), dtype)) for _ in range(2)]
+    args = (jnp.asarray(k), jnp.asarray(v), jnp.asarray(src), jnp.asarray(new_len, jnp.int32), *new)
+    got = fast_jit(functools.partial(compact_kv_chunked, chunk=chunk))(*args)
+    want = fast_jit(compact_kv_reference)(*args)
+    for g, w in zip(got, want):
+        assert np.asarray(g).tobytes() == np.asarray(w).tobytes()
 
 
 def test_donated_in_place_under_jit():

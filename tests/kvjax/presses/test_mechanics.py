@@ -25,6 +25,19 @@ def test_pyramid_budgets_match_kvpress_examples():
     assert budgets[:4] == [960, 931, 902, 873] and budgets[-1] == 64
 
 
+def test_top_rows_equal_a_stable_argsort_with_ties_and_extremes():
+    rng = np.random.default_rng(0)
+    special = np.array([-np.inf, -3.0, -0.0, 0.0, 1e-30, 2.5, np.finfo(np.float32).max, np.inf,
+                        np.finfo(np.float32).min], np.float32)
+    scores = np.stack([rng.choice(special, 40) if row % 2 else rng.normal(size=40) for row in range(64)])
+    n_kept = rng.integers(0, 41, (64, 1))
+    got = np.asarray(apply._top_rows(jnp.asarray(scores, jnp.float32), jnp.asarray(n_kept, jnp.int32)))
+    for row, (x, n) in enumerate(zip(scores.astype(np.float64), n_kept[:, 0])):
+        want = np.zeros(40, bool)
+        want[np.argsort(-x, kind="stable")[:n]] = True
+        np.testing.assert_array_equal(got[row], want, err_msg=f"row {row}, n_kept {n}")
+
+
 @pytest.fixture(scope="module")
 def one_layer(tmp_path_factory):
     path = tmp_path_factory.mktemp("press_one_layer")
