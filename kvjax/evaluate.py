@@ -79,9 +79,9 @@ def run(args) -> dict:
                         "kv_quantize": "int8" if method.is_quantized or method.family == "int8" else "none",
                         **ppl, **agree})
     full_bytes = results[0]["kv_bytes"]
-    for row in results:  # with int8 the ratio is the share of bytes saved (tokens kept and int8 together)
+    for row in results:  # with int8 (or no nominal ratio) the ratio is the share of bytes saved
         row["kv_bytes_ratio"] = row["kv_bytes"] / full_bytes
-        if row["kv_quantize"] == "int8":
+        if row["kv_quantize"] == "int8" or row["compression_ratio"] is None:
             row["compression_ratio"] = 1 - row["kv_bytes_ratio"]
     report = {"model_dir": str(model_dir), "text": args.text, "context_len": args.context_len,
               "continuation_len": args.continuation_len, "num_windows": args.num_windows,

@@ -30,11 +30,12 @@ from kvjax.steps import decode_step, prefill, split
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One point of a sweep: `label` names it, `ratio` is its nominal compression ratio (x axis)."""
+    """One point of a sweep: `label` names it, `ratio` is its nominal compression ratio (x axis;
+    None: measured, for presses sized by their own parameters such as l2_compress)."""
 
     label: str
     family: str  # "none" | "int8" | "press" | "ccm"
-    ratio: float
+    ratio: float | None
     method: Any = None  # the press, compressor or Int8KV passed to kvjax.compress
     is_quantized: bool = False  # a press or ccm followed by int8 (`+int8`)
 
@@ -67,15 +68,20 @@ def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: 
                 cf = comp.cfg.compression_factor
                 methods.append(Method(f"ccm:{cf}", "ccm", 1 - 1 / cf, comp))
         elif name in presses.PRESSES:
-            if not values:
+            fields = {f.name for f in dataclasses.fields(presses.PRESSES[name])}
+            options = {k: v for k, v in (press_options or {}).items() if k in fields}  # e.g. window_size
+            if "compression_ratio" not in fields:  # seed 004's methods: sized by their own fields
+                if values:
+                    raise KVJaxError(f"press {name!r} has no compression ratio: write it as {name!r} and set its "
+                                     f"fields with --press-option (e.g. {sorted(fields - {'seed'})[0]}=...)")
+                methods.append(Method(name, "press", None, presses.get_press(name, **options)))
+            elif not values:
                 raise KVJaxError(f"press {name!r} needs compression ratios, e.g. {name}:0.25,0.5")
             for value in values:
                 try:
                     ratio = float(value)
                 except ValueError:
                     raise KVJaxError(f"compression ratio {value!r} in {spec!r} is not a number") from None
-                fields = {f.name for f in dataclasses.fields(presses.PRESSES[name])}
-                options = {k: v for k, v in (press_options or {}).items() if k in fields}  # e.g. window_size
                 press = presses.get_press(name, compression_ratio=ratio, **options)
                 methods.append(Method(f"{name}:{value}", "press", ratio, press))
         else:

@@ -33,6 +33,7 @@ def test_evaluate_writes_json_and_plot(tmp_path, monkeypatch, capsys):
                                            (["--methods", "knorm"], "needs compression ratios"),
                                            (["--methods", "knorm:0.5+int4"], "only +int8"),
                                            (["--methods", "int8+int8"], "only a press or ccm"),
+                                           (["--methods", "l2_compress:0.5"], "has no compression ratio"),
                                            (["--text", "/nonexistent.txt"], "cannot read the text")])
 def test_evaluate_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setenv("KVJAX_HOME", str(tmp_path / "home"))
@@ -47,3 +48,13 @@ def test_int8_suffix_applies_to_every_ratio_of_a_spec():
     methods = parse_methods(["snapkv:0.25,0.5+int8", "knorm:0.5"])
     assert [(m.label, m.is_quantized, m.ratio) for m in methods[1:]] == [
         ("snapkv:0.25+int8", True, 0.25), ("snapkv:0.5+int8", True, 0.5), ("knorm:0.5", False, 0.5)]
+
+
+def test_presses_sized_by_their_own_fields_take_press_options_and_a_measured_ratio():
+    from kvjax.evaluation import parse_methods
+
+    options = {"keep_ratio": 0.25, "prune_after": 0, "window_size": 8}
+    methods = parse_methods(["l2_compress", "pyramidkv:0.5"], press_options=options)
+    l2, pyramid = methods[1:]
+    assert (l2.label, l2.ratio, l2.method.keep_ratio, l2.method.prune_after) == ("l2_compress", None, 0.25, 0)
+    assert (pyramid.label, pyramid.ratio, pyramid.method.window_size) == ("pyramidkv:0.5", 0.5, 8)
