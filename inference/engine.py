@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import kvjax
-from inference.paged_cache import PageAllocator, PagedKVCache, compress_slots, per_layer_message
+from inference.paged_cache import PageAllocator, PagedKVCache, compress_slots
 from inference.runner import Observations, Runner, bucket
 from inference.scheduler import Batch, Phase, Request, Scheduler, Sequence
 from kvjax.errors import KVJaxError
@@ -37,7 +37,9 @@ class Result:
 
 
 class Engine:
-    """page_size: slots per page; num_pages: the pool (default: max_num_seqs full sequences);
+    """page_size: slots per page; num_pages: the pool (default: max_num_seqs full sequences), or
+    kv_cache_bytes: as many pages as fit in these bytes; kv_cache_dtype: None (the model's dtype) or
+    "int8" (one float32 scale per token and KV head: about 3.6x the pages of float32 per byte);
     max_model_len: slots one sequence may hold; *_batch_size: FastCache's three stage sizes;
     check_invariants: verify the allocator after every step (tests)."""
 
@@ -45,6 +47,7 @@ class Engine:
                  num_pages: int | None = None, max_num_seqs: int = 32, max_model_len: int = 1024,
                  prefill_batch_size: int = 4, compress_batch_size: int = 8, decoding_batch_size: int = 32,
                  max_prefill_tokens: int = 1 << 30, eos_ids=None, seed: int = 0, check_invariants: bool = False,
+                 kv_cache_dtype: str | None = None, kv_cache_bytes: int | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         if not isinstance(model, kvjax.SplitModel) and not hasattr(model, "cfg"):  # a model directory
             model, tokenizer, _ = kvjax.load(model, dtype=dtype)
@@ -53,10 +56,12 @@ class Engine:
         self.tokenizer = tokenizer
         cfg = self.parts.cfg
         max_pages_per_seq = -(-max_model_len // page_size)
+        dtype = jax.tree.leaves(self.parts.state)[0].dtype  # attention reads K/V in the model's dtype
+        if kv_cache_bytes is not None:
+            num_pages = pages_in(kv_cache_bytes, num_pages, cfg, page_size, dtype, kv_cache_dtype)
         num_pages = num_pages or max_num_seqs * max_pages_per_seq
         self.allocator = PageAllocator(num_pages, max_num_seqs, page_size)
-        dtype = jax.tree.leaves(self.parts.state)[0].dtype  # the cache holds the model's dtype
-        cache = PagedKVCache.for_model(cfg, num_pages, page_size, max_num_seqs, dtype)
+        cache = PagedKVCache.for_model(cfg, num_pages, page_size, max_num_seqs, dtype, kv_cache_dtype)
         self.runner = Runner(self.parts, cache, self.allocator, max_pages_per_seq, seed)
         self.scheduler = Scheduler(self.allocator, max_pages_per_seq=max_pages_per_seq,
                                    prefill_batch_size=prefill_batch_size, compress_batch_size=compress_batch_size,
@@ -84,7 +89,7 @@ class Engine:
         if not seq.prompt_ids:
             raise KVJaxError(f"request {seq.request_id}: empty prompt (give prompt= token ids or embeds=)")
         if isinstance(request.compression, Press):  # refuse now what compress_slots would refuse later
-            self._check_press(request.compression, len(seq.prompt_ids))
+            request.compression.check(len(seq.prompt_ids))
         seq.times["arrival"] = self.clock()
         self.scheduler.add(seq)
         self.num_requests += 1
@@ -101,12 +106,6 @@ class Engine:
             raise KVJaxError(f"embeds has {shape[0]} rows but the prompt has {len(prompt)} tokens; "
                              "give one embedding per prompt token (or omit prompt)")
         return prompt
-
-    def _check_press(self, press: Press, prompt_len: int) -> None:
-        press.check(prompt_len)
-        num_layers = self.parts.cfg.num_layers
-        if len({press.num_kept(prompt_len, layer, num_layers) for layer in range(num_layers)}) > 1:
-            raise KVJaxError(per_layer_message(press))
 
     def step(self) -> list[Sequence]:
         """One scheduled batch; returns the sequences that finished in it."""
@@ -211,3 +210,15 @@ class Engine:
         return Result(seq.request_id, list(seq.output), text, t["first_token"] - t["arrival"],
                       (t["finish"] - t["first_token"]) / max(num - 1, 1), t["finish"] - t["arrival"],
                       seq.num_preempted, t.get("compressed_len"))
+
+
+def pages_in(kv_cache_bytes: int, num_pages, cfg, page_size: int, dtype, kv_cache_dtype) -> int:
+    """The pages of a pool of kv_cache_bytes (K and V of all layers, int8 scales included)."""
+    if num_pages is not None:
+        raise KVJaxError("give num_pages or kv_cache_bytes, not both")
+    shapes = jax.eval_shape(lambda: PagedKVCache.for_model(cfg, 1, page_size, 1, dtype, kv_cache_dtype))
+    num_pages = int(kv_cache_bytes) // shapes.page_bytes()
+    if num_pages <= 0:
+        raise KVJaxError(f"kv_cache_bytes={kv_cache_bytes} holds no page of {shapes.page_bytes()} bytes; "
+                         "raise it or lower page_size")
+    return num_pages

@@ -1,13 +1,14 @@
 """The paged KV cache: one preallocated page pool per layer, page tables per sequence slot, a free list.
 
-Device side (`PagedKVCache`, a pytree): k/v pages [L, P, Hkv, page_size, D] plus the dense cache's
-kv_len and positions, one entry per sequence slot. Host side (`PageAllocator`, nano-vllm's block
+Device side (`PagedKVCache`, a pytree): k/v pages [L, P, Hkv, page_size, D] (or int8 pages with
+per-token scales) plus the dense cache's kv_len, positions and per-layer lengths, per sequence slot.
+A sequence's pages are shared by all its layers, so it owns pages for its longest layer (kv_len). Host side (`PageAllocator`, nano-vllm's block
 manager): the free list and each slot's page list, i.e. the page tables. The runner turns a batch's
 page lists into a `[B, W]` table each step (attention metadata, `pallas_kernels.paged_attention`),
 so the device never holds a table that could disagree with the allocator.
 
 Compression (`compress_slots`) gathers each sequence's pages into a dense `kvjax.KVCache`, runs any
-`kvjax.compress` method on it, writes the compacted tokens back into the sequence's first pages and
+`kvjax.compress` method on it (int8 pages: dequantized, then quantized again), writes the compacted tokens back into the sequence's first pages and
 returns the pages it no longer needs to the free list at once.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -25,25 +27,42 @@ import numpy as np
 import kvjax
 from kvjax.cache import KVCache
 from kvjax.errors import KVJaxError
+from kvjax.quantization import QuantizedArray, as_dense, quantize
 from pallas_kernels.paged_attention import PagedKV, gather_pages
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    k_pages: jax.Array  # [L, P, Hkv, page_size, D], keys after RoPE
-    v_pages: jax.Array  # [L, P, Hkv, page_size, D]
-    kv_len: jax.Array  # int32 [N]: valid slots per sequence slot (as KVCache.kv_len)
+    k_pages: Any  # [L, P, Hkv, page_size, D] keys after RoPE, or int8 pages (QuantizedArray + scales)
+    v_pages: Any  # same as k_pages
+    kv_len: jax.Array  # int32 [N]: slots each sequence slot occupies (as KVCache.kv_len: the max over layers)
     positions: jax.Array  # int32 [N]: RoPE position of each slot's next token (as KVCache.positions)
+    # int32 [L, N]: each layer's length (as KVCache.layer_kv_len; per-layer budgets such as PyramidKV).
+    # Always present, so one program serves both kinds of sequence; equal to kv_len otherwise.
+    layer_kv_len: jax.Array
 
     @classmethod
-    def for_model(cls, cfg, num_pages: int, page_size: int, num_slots: int, dtype: Any = jnp.float32):
+    def for_model(cls, cfg, num_pages: int, page_size: int, num_slots: int, dtype: Any = jnp.float32,
+                  kv_cache_dtype: str | None = None):
+        """kv_cache_dtype: None keeps K/V in `dtype`; "int8" stores int8 values with one float32 scale
+        per token and KV head (kvjax.quantization), read back as `dtype`."""
         for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_slots", num_slots)):
             if int(value) <= 0:
                 raise KVJaxError(f"PagedKVCache: {name} must be > 0, got {value}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise KVJaxError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (None: the model's dtype), "
+                             f"got {kv_cache_dtype!r}")
         shape = (cfg.num_layers, num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros(num_slots, jnp.int32), jnp.zeros(num_slots, jnp.int32))
+
+        def pool():  # distinct buffers: the steps donate every leaf
+            if kv_cache_dtype == "int8":
+                return QuantizedArray(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1] + (1,), jnp.float32),
+                                      jnp.dtype(dtype))
+            return jnp.zeros(shape, dtype)
+
+        return cls(pool(), pool(), jnp.zeros(num_slots, jnp.int32), jnp.zeros(num_slots, jnp.int32),
+                   jnp.zeros((cfg.num_layers, num_slots), jnp.int32))
 
     @property
     def page_size(self) -> int:
@@ -53,9 +72,18 @@ class PagedKVCache:
     def num_pages(self) -> int:
         return self.k_pages.shape[1]
 
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(self.k_pages, QuantizedArray)
+
     def page_bytes(self) -> int:
-        """Bytes of K and V in one page across all layers."""
-        return 2 * self.k_pages[:, 0].size * self.k_pages.dtype.itemsize
+        """Bytes of K and V in one page across all layers, int8 scales included (works on
+        `jax.eval_shape` of a cache too, to size a pool before building it)."""
+        leaves = jax.tree.leaves((self.k_pages, self.v_pages))
+        return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves) // self.num_pages
+
+
+KV_CACHE_DTYPES = (None, "int8")
 
 
 @jax.tree_util.register_dataclass
@@ -67,6 +95,7 @@ class PagedBatch:
     v: PagedKV
     kv_len: jax.Array  # int32 [B]
     positions: jax.Array  # int32 [B]
+    layer_kv_len: jax.Array  # int32 [L, B]: forward_hidden writes and reads each layer at its own length
 
     @property
     def max_len(self) -> int:
@@ -76,41 +105,60 @@ class PagedBatch:
         return dataclasses.replace(self, **changes)
 
 
+def _rows_of(x, rows):
+    """x[..., rows] ([N] or [L, N] -> [B] or [L, B]); rows >= N (padding) read 0."""
+    return x.at[..., rows].get(mode="fill", fill_value=0)
+
+
+def _set_rows(x, rows, new):
+    return x.at[..., rows].set(new, mode="drop")
+
+
 def batch_view(cache: PagedKVCache, rows, table, fresh: bool = False) -> PagedBatch:
     """Slots `rows` int32 [B] (rows >= N are padding) through `table` int32 [B, W]; fresh: empty rows."""
-    kv_len = cache.kv_len.at[rows].get(mode="fill", fill_value=0)
-    positions = cache.positions.at[rows].get(mode="fill", fill_value=0)
+    lengths = [_rows_of(x, rows) for x in (cache.kv_len, cache.positions, cache.layer_kv_len)]
     if fresh:  # a prefill starts a new sequence in a reused slot
-        kv_len, positions = jnp.zeros_like(kv_len), jnp.zeros_like(positions)
-    return PagedBatch(PagedKV(cache.k_pages, table), PagedKV(cache.v_pages, table), kv_len, positions)
+        lengths = [jnp.zeros_like(x) for x in lengths]
+    return PagedBatch(PagedKV(cache.k_pages, table), PagedKV(cache.v_pages, table), *lengths)
 
 
 def commit(cache: PagedKVCache, rows, batch: PagedBatch) -> PagedKVCache:
     """Fold a batch view back into the cache (padding rows are dropped)."""
-    return PagedKVCache(batch.k.pages, batch.v.pages, cache.kv_len.at[rows].set(batch.kv_len, mode="drop"),
-                        cache.positions.at[rows].set(batch.positions, mode="drop"))
+    return PagedKVCache(batch.k.pages, batch.v.pages, _set_rows(cache.kv_len, rows, batch.kv_len),
+                        _set_rows(cache.positions, rows, batch.positions),
+                        _set_rows(cache.layer_kv_len, rows, batch.layer_kv_len))
 
 
 @jax.jit
 def _gather(cache: PagedKVCache, rows, table) -> KVCache:
-    return KVCache(gather_pages(cache.k_pages, table), gather_pages(cache.v_pages, table),
-                   cache.kv_len.at[rows].get(mode="fill", fill_value=0),
-                   cache.positions.at[rows].get(mode="fill", fill_value=0))
+    """The dense (dequantized) view of `rows`. One length per row: compression follows a fresh
+    prefill, where every layer holds kv_len."""
+    def dense(pages):
+        return as_dense(jax.tree.map(lambda x: gather_pages(x, table), pages))
+
+    return KVCache(dense(cache.k_pages), dense(cache.v_pages), _rows_of(cache.kv_len, rows),
+                   _rows_of(cache.positions, rows))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _scatter(cache: PagedKVCache, rows, dest, dense: KVCache) -> PagedKVCache:
-    """Write dense [L, B, Hkv, W * ps, D] back page by page; dest int32 [B, W] (P = do not write)."""
-    num_layers, batch, num_kv_heads, _, head_dim = dense.k.shape
-    shape = (num_layers, batch, num_kv_heads, dest.shape[1], cache.page_size, head_dim)
+    """Write dense [L, B, Hkv, W * ps, D] back page by page (quantized again for int8 pages); dest
+    int32 [B, W] (P = do not write)."""
+    num_layers, batch, num_kv_heads, _, _ = dense.k.shape
+    shape = (num_layers, batch, num_kv_heads, dest.shape[1], cache.page_size)
 
     def put(pages, x):  # x -> [L, B, W, Hkv, ps, D], one page per (b, w)
-        x = jnp.moveaxis(x.reshape(shape), 3, 2)
+        x = jnp.moveaxis(x.reshape(shape + x.shape[-1:]), 3, 2)
         return pages.at[:, dest].set(x, mode="drop")
 
-    return PagedKVCache(put(cache.k_pages, dense.k), put(cache.v_pages, dense.v),
-                        cache.kv_len.at[rows].set(dense.kv_len, mode="drop"),
-                        cache.positions.at[rows].set(dense.positions, mode="drop"))
+    def store(pages, x):
+        if isinstance(pages, QuantizedArray):
+            x = quantize(x, pages.dtype)
+        return jax.tree.map(put, pages, x)
+
+    return PagedKVCache(store(cache.k_pages, dense.k), store(cache.v_pages, dense.v),
+                        _set_rows(cache.kv_len, rows, dense.kv_len), _set_rows(cache.positions, rows, dense.positions),
+                        _set_rows(cache.layer_kv_len, rows, dense.lengths_per_layer()))
 
 
 class PageAllocator:
@@ -211,16 +259,8 @@ def compress_slots(cache: PagedKVCache, allocator: PageAllocator, slots, method,
     lengths[:len(slots)] = image_len
     options = {} if observations is None else {"observations": observations}
     dense = kvjax.compress(_gather(cache, rows, table), method, lengths, rope_positions=rope_positions, **options)
-    if getattr(dense, "layer_kv_len", None) is not None:  # the source cache is untouched: _gather copies
-        raise KVJaxError(per_layer_message(method))
     new_len = np.asarray(dense.kv_len)[:len(slots)].tolist()  # the one sync: pages are freed now
     cache = _scatter(cache, rows, dest, dense)
-    for slot, length in zip(slots, new_len):
+    for slot, length in zip(slots, new_len):  # kv_len is the longest layer: the pages all layers share
         allocator.shrink(slot, length)
     return cache, new_len
-
-
-def per_layer_message(method) -> str:
-    return (f"{type(method).__name__} gives each layer its own number of kept tokens, which the paged "
-            "cache cannot hold (one length per sequence); serve it with kvjax.generate on the dense "
-            "KVCache, or use a press with one budget for all layers")

@@ -25,8 +25,8 @@ class Request:
     """prompt: token ids or text (the engine needs a tokenizer for text). embeds: float [T, H] input
     embeddings of the prompt instead (a VLM prompt with its image features, e.g. from
     `kvjax.multimodal.embed_prompt`); prompt may then be omitted. compression: anything
-    `kvjax.compress` takes with one budget for all layers (a CCM compressor, any press, including
-    those that read the prefill); image_len: the image prefix for CCM; arrival_s: offset from the
+    `kvjax.compress` takes (a CCM compressor, any press, including those that read the prefill or
+    give each layer its own budget, such as PyramidKV); image_len: the image prefix for CCM; arrival_s: offset from the
     start of `Engine.generate`."""
 
     prompt: Any = None

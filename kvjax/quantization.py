@@ -27,7 +27,8 @@ INT8_MAX = 127
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("values", "scales"), meta_fields=("dtype",))
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
-    """Stands in for a [L, B, Hkv, S, D] cache array: x ~= values * scales, read back as `dtype`."""
+    """Stands in for a [L, B, Hkv, S, D] cache array (or inference/'s [L, P, Hkv, page_size, D]
+    page pool): x ~= values * scales, read back as `dtype`."""
 
     values: jax.Array  # int8 [L, B, Hkv, S, D]
     scales: jax.Array  # float32 [L, B, Hkv, S, 1]: max |x| over D / 127
@@ -67,9 +68,12 @@ def store(cache_x, layer: int, rows, slots, new: jax.Array):
 
 def read_layer(cache_x, layer: int) -> jax.Array:
     """cache_x[layer] as [B, Hkv, S, D] in the compute dtype (dequantized if quantized)."""
-    if isinstance(cache_x, QuantizedArray):
-        return dequantize(QuantizedArray(cache_x.values[layer], cache_x.scales[layer], cache_x.dtype))
-    return cache_x[layer]
+    return as_dense(jax.tree.map(lambda x: x[layer], cache_x))
+
+
+def as_dense(x) -> jax.Array:
+    """x itself, or dequantized if it is a QuantizedArray (e.g. int8 pages gathered by the engine)."""
+    return dequantize(x) if isinstance(x, QuantizedArray) else x
 
 
 def is_quantized(cache) -> bool:

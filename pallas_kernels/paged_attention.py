@@ -35,7 +35,9 @@ from pallas_kernels._splitk import (MIN_DOT, TARGET_PROGRAMS, group_queries, mer
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKV:
-    """K or V of a paged cache seen by one batch: the shared pool and the batch's page table."""
+    """K or V of a paged cache seen by one batch: the shared pool and the batch's page table.
+    pages may also be a pytree of pools with the same page axes (kvjax's int8 pages: values and
+    scales); `locate` and `read_layer` treat every leaf alike."""
 
     pages: jax.Array  # [L, P, Hkv, page_size, D]
     page_table: jax.Array  # int32 [B, W]: the pages of each row, in slot order
@@ -53,17 +55,17 @@ class PagedKV:
         """Slots addressable through the table: W * page_size."""
         return self.page_table.shape[1] * self.page_size
 
-    def write(self, layer: int, slots: jax.Array, new: jax.Array) -> PagedKV:
-        """Store new [B, T, Hkv, D] at slots int32 [B, T]; slots >= max_len are dropped (padding)."""
+    def locate(self, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(page, offset) int32 [B, T] of slots int32 [B, T]; slots >= max_len get page P (dropped
+        by a `mode="drop"` write: padding). A write is `pages.at[layer, page, :, offset].set(...)`."""
         page_idx = jnp.minimum(slots // self.page_size, self.page_table.shape[1] - 1)
         page = jnp.take_along_axis(self.page_table, page_idx, axis=1)
-        page = jnp.where(slots < self.max_len, page, self.pages.shape[1])  # out of range = dropped
-        pages = self.pages.at[layer, page, :, slots % self.page_size].set(new.astype(self.dtype), mode="drop")
-        return PagedKV(pages, self.page_table)
+        num_pages = jax.tree.leaves(self.pages)[0].shape[-4]
+        return jnp.where(slots < self.max_len, page, num_pages), slots % self.page_size
 
-    def read_layer(self, layer: int) -> jax.Array:
-        """Layer `layer` gathered through the table as a dense [B, Hkv, W * page_size, D]."""
-        return gather_pages(self.pages[layer], self.page_table)
+    def read_layer(self, layer: int):
+        """Layer `layer` gathered through the table as a dense [B, Hkv, W * page_size, D] (each leaf)."""
+        return jax.tree.map(lambda pages: gather_pages(pages[layer], self.page_table), self.pages)
 
 
 def gather_pages(pages: jax.Array,  # [..., P, Hkv, page_size, D]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.quantization import QuantizedArray, read_layer, store
+from kvjax.quantization import QuantizedArray, as_dense, read_layer, store
 from pallas_kernels._dispatch import kernel_mode
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.paged_attention import PagedKV, paged_attention
@@ -27,12 +27,14 @@ def cached_attention(
     """GQA softmax attention. As in HF's eager attention, the two matmuls run in the input dtype
     (accumulating in float32 on accelerators) and the mask and softmax in float32.
     Passing the whole cache with `layer` lets the decode kernel read the layer in place.
-    k, v may be `PagedKV` views (inference/'s paged cache): decode reads through the page table."""
+    k, v may be `PagedKV` views (inference/'s paged cache): decode reads through the page table
+    (int8 pages: gathered and dequantized, as the dense int8 cache)."""
     batch, num_new, num_heads, head_dim = q.shape
     if isinstance(k, PagedKV):
-        if num_new == 1:
+        if num_new == 1 and not isinstance(k.pages, QuantizedArray):
             return paged_attention(q[:, 0], k.pages, v.pages, k.page_table, visible_len[:, 0], layer)[:, None]
-        k, v, layer = k.read_layer(layer), v.read_layer(layer), None  # prefill: dense view of the pages
+        # Prefill, or int8 pages (the reference path): a dense, dequantized view of the layer's pages.
+        k, v, layer = as_dense(k.read_layer(layer)), as_dense(v.read_layer(layer)), None
     if num_new == 1 and kernel_mode() != "reference" and not isinstance(k, QuantizedArray):
         # Decode on GPU: the ragged split-K kernel reads only visible slots. CPU keeps the code below.
         return decode_attention(q[:, 0], k, v, visible_len[:, 0], layer)[:, None]
@@ -53,6 +55,7 @@ def cached_attention(
 def store_kv(cache_x, layer: int, rows, slots, new: jax.Array):
     """Write new [B, T, Hkv, D] at `slots` int32 [B, T] of layer `layer` (slot max_len = dropped):
     into the dense or int8 cache (kvjax.quantization.store) or through a PagedKV's page table."""
-    if isinstance(cache_x, PagedKV):
-        return cache_x.write(layer, slots, new)
+    if isinstance(cache_x, PagedKV):  # the same write, at (page, offset) instead of (row, slot)
+        page, offset = cache_x.locate(slots)
+        return PagedKV(store(cache_x.pages, layer, page, offset, new), cache_x.page_table)
     return store(cache_x, layer, rows, slots, new)

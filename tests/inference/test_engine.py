@@ -12,10 +12,10 @@ import pytest
 
 import kvjax
 from inference.engine import Engine
-from inference.paged_cache import PageAllocator, PagedKVCache, compress_slots
 from inference.scheduler import Request
 from kvjax.compressors import CompressorConfig, build_compressor
 from kvjax.presses import compute_n_kept, get_press
+from kvjax.quantization import dequantize_cache, quantize_cache
 
 MAX_LEN = 64
 PROMPT_LENS = (5, 17, 30, 9, 28, 12)  # two prompt buckets (16, 32): few compiles
@@ -58,15 +58,18 @@ def engine(tiny_llama):
                   check_invariants=True)
 
 
-def expected(model, cfg, prompts, max_new, method=None, image_len=0):
+def expected(model, cfg, prompts, max_new, method=None, image_len=0, layer_lens=None, int8=False):
     """What each request gives on its own: generate, or prefill (recording what a press reads) +
     compress + generate_from. One right-padded batch (rows are independent) with max_new steps;
-    image_len: int or per row."""
+    image_len: int or per row; layer_lens: a list that gets the compressed [L, B] lengths;
+    int8: an int8 cache, dequantized to compress and quantized again (as the engine's int8 pages)."""
     tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt
     lengths = np.array([len(p) for p in prompts], np.int32)
     cache = kvjax.KVCache.for_model(cfg, len(prompts), MAX_LEN)
+    if int8:
+        cache = quantize_cache(cache)
     if method is None:
         out = kvjax.generate(model, cache, tokens, lengths, max_new_tokens=max_new, eos_ids=()).tokens
     else:
@@ -75,8 +78,12 @@ def expected(model, cfg, prompts, max_new, method=None, image_len=0):
             logits, cache, options["observations"] = kvjax.presses.prefill(model, cache, tokens, lengths, press=method)
         else:
             logits, cache = kvjax.prefill(model, cache, tokens, lengths)
+        cache = dequantize_cache(cache) if int8 else cache
         cache = kvjax.compress(cache, method, np.broadcast_to(np.asarray(image_len, np.int32), len(prompts)),
                                **options)
+        cache = quantize_cache(cache) if int8 else cache
+        if layer_lens is not None:
+            layer_lens.append(np.asarray(cache.lengths_per_layer()))
         out = kvjax.generate_from(model, cache, logits, max_new_tokens=max_new, eos_ids=()).tokens
     return [row.tolist() for row in out]
 
@@ -181,20 +188,19 @@ def test_presses_that_read_the_prefill_equal_presses_prefill_compress(engine, ti
 
 @pytest.mark.parametrize("press", [get_press("pyramidkv", compression_ratio=0.5, window_size=2),
                                    get_press("l2_compress", keep_ratio=0.5, prune_after=0, skip_layers=(0,))])
-def test_per_layer_budgets_are_refused_up_front(engine, press):
-    num_requests = engine.num_requests
-    with pytest.raises(kvjax.KVJaxError, match="each layer its own number of kept tokens.*kvjax.generate"):
-        engine.add_request(Request(prompt=list(range(3, 43)), compression=press))
-    assert engine.num_requests == num_requests and not engine.scheduler.waiting
-
-
-def test_compress_slots_refuses_a_per_layer_result_and_keeps_the_pages(tiny_llama):
-    _, cfg = tiny_llama
-    allocator = PageAllocator(2, 1, PAGE_SIZE)
-    slot = allocator.open(10)
-    cache = PagedKVCache.for_model(cfg, 2, PAGE_SIZE, 1)
-    cache = PagedKVCache(cache.k_pages + 1.0, cache.v_pages, cache.kv_len + 10, cache.positions + 10)
-    press = get_press("l2_compress", keep_ratio=0.5, prune_after=0, skip_layers=(0,))
-    with pytest.raises(kvjax.KVJaxError, match="layer"):  # compress_slots' message or kvjax.compress's own
-        compress_slots(cache, allocator, [slot], press, [0], width=2)
-    assert allocator.pages[slot] == [0, 1] and allocator.num_free == 0
+def test_per_layer_budgets_equal_presses_prefill_compress(engine, tiny_llama, prompts, press):
+    # Each layer keeps its own number of tokens; the sequence keeps pages for the longest layer.
+    model, cfg = tiny_llama
+    rows = [1, 4, 2]  # 17, 28 and 30 tokens: one prompt bucket
+    layer_lens = []
+    want = expected(model, cfg, [prompts[i] for i in rows], 5, press, layer_lens=layer_lens)
+    assert (layer_lens[0] != layer_lens[0][0]).any()  # the budgets do differ between layers
+    freed = engine.stats["pages_freed_by_compression"]
+    seqs = run_staggered(engine, [Request(prompt=prompts[i], max_new_tokens=5, compression=press) for i in rows])
+    assert [s.output for s in seqs] == want
+    longest = layer_lens[0].max(axis=0).tolist()
+    assert [s.times["compressed_len"] for s in seqs] == longest
+    pages = engine.allocator.pages_for
+    assert engine.stats["pages_freed_by_compression"] - freed == sum(
+        pages(PROMPT_LENS[i]) - pages(n) for i, n in zip(rows, longest))
+    assert engine.allocator.num_used == 0
