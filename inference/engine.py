@@ -5,6 +5,7 @@ prefill, compress or decode batch; the runner runs it on the paged cache; postpr
 tokens, finishes sequences (EOS, max_new_tokens, full) and returns their pages. Greedy outputs
 equal `kvjax.generate` (and prefill + `kvjax.compress` + `kvjax.generate_from`) per request.
 A VLM serves through its language model: its requests carry their prompt's embeddings.
+`kv_cache_dtype="int8"` keeps the pages int8 (outputs then equal the dense int8 cache's).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def test_int8_pages_equal_the_dense_int8_cache(tiny_llama):
     assert engine.stats["pages_freed_by_compression"] > 0 and engine.allocator.num_used == 0
 
 
-def test_int8_page_write_read_round_trip_and_page_bytes():
+def test_int8_page_write_read_round_trip_and_page_bytes(tiny_llama):
     cfg = types.SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=16)
     cache = PagedKVCache.for_model(cfg, 6, 4, 1, kv_cache_dtype="int8")
     assert cache.page_bytes() == 2 * 2 * 2 * 4 * (16 + 4)  # K and V, layers, heads, slots: values + scale
@@ -69,3 +69,7 @@ def test_int8_page_write_read_round_trip_and_page_bytes():
     assert int((np.asarray(out.pages.scales[1]) > 0).sum()) == 2 * 2
     with pytest.raises(kvjax.KVJaxError, match="kv_cache_dtype"):
         PagedKVCache.for_model(cfg, 6, 4, 1, kv_cache_dtype="fp8")
+    with pytest.raises(kvjax.KVJaxError, match="not both"):
+        Engine(tiny_llama[0], num_pages=4, kv_cache_bytes=1 << 20)
+    with pytest.raises(kvjax.KVJaxError, match="holds no page"):
+        Engine(tiny_llama[0], kv_cache_bytes=10, kv_cache_dtype="int8")
