@@ -48,7 +48,7 @@ CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n'
 
 def clip_specs(cfg, prefix: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, kind) of a CLIPVisionModel's weights under `prefix`."""
-    d, inner, p = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
+    d, p = cfg.hidden_size, cfg.patch_size
     specs = [(prefix + "embeddings.class_embedding", (d,), "weight"),
              (prefix + "embeddings.patch_embedding.weight", (d, cfg.num_channels, p, p), "weight"),
              (prefix + "embeddings.position_embedding.weight", ((cfg.image_size // p) ** 2 + 1, d), "weight"),

@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
