@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from inference.paged_cache import PageAllocator, PagedKVCache, batch_view, commit
-from kvjax.presses import forward_observed
+from kvjax.presses import forward_observed, ratio_free
 from kvjax.sampling import Sampling, sample
 from kvjax.steps import SplitModel, forward_hidden
 
@@ -99,6 +99,7 @@ class Runner:
             dense_embeds = np.zeros((batch, num_tokens, embeds[0].shape[-1]), np.float32)
             for row, prompt_embeds in enumerate(embeds):
                 dense_embeds[row, :len(prompt_embeds)] = np.asarray(prompt_embeds, np.float32)
+        press = None if press is None else ratio_free(press)  # what it records is the same for every ratio
         out, self.cache, observed = _prefill(self.parts.graphdef, self.parts.state, self.cache, rows, table, tokens,
                                              lengths, dense_embeds, self._next_rng(), sampling, press)
         observations = None if press is None else Observations(observed, batch, num_tokens)

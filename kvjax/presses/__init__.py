@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kvjax.errors import KVJaxError
 from kvjax.presses.apply import (apply_press, compress_prompt, compress_with_press, forward_observed, kept_tokens,
-                                 parse_options, prefill)
+                                 parse_options, prefill, ratio_free)
 from kvjax.presses.base import Press, PressInputs, ScorerPress, compute_n_kept
 from kvjax.presses.expected import ExpectedAttentionPress
 from kvjax.presses.keynorm import FixSizeL2Press, KnormPress, L2CompressPress
@@ -52,5 +52,5 @@ def get_press(name: str, **kwargs) -> Press:
 
 __all__ = [
     "Press", "PressInputs", "ScorerPress", "compute_n_kept", "apply_press", "compress_with_press", "kept_tokens",
-    "prefill", "forward_observed", "compress_prompt", "parse_options", "list_presses", "get_press", "PRESSES", *(cls.__name__ for cls in PRESSES.values()),
+    "prefill", "forward_observed", "ratio_free", "compress_prompt", "parse_options", "list_presses", "get_press", "PRESSES", *(cls.__name__ for cls in PRESSES.values()),
 ]

@@ -26,7 +26,7 @@ from pallas_kernels.compact_kv import compact_kv
 ROPE_POSITIONS = ("original", "compressed")
 
 
-def _traced(press: Press) -> Press:
+def ratio_free(press: Press) -> Press:
     """The press the jits see: scores never depend on compression_ratio (budgets travel as n_kept),
     so every ratio shares one compile."""
     return dataclasses.replace(press, compression_ratio=0.0) if isinstance(press, ScorerPress) else press
@@ -162,7 +162,7 @@ def compress_with_press(cache: KVCache, press: Press, image_len=None, *, observa
     if not protect_image:
         protect_first = jnp.zeros_like(protect_first)
     per_layer = bool((np.asarray(n_kept) != np.asarray(n_kept[0])).any())
-    return _compress(cache, _traced(press), n_kept, protect_first, protect_last, observations, rope_positions,
+    return _compress(cache, ratio_free(press), n_kept, protect_first, protect_last, observations, rope_positions,
                      mode, per_layer)
 
 
@@ -170,7 +170,7 @@ def kept_tokens(cache: KVCache, press: Press, observations=None, image_len=None,
     """bool [L, B, Hkv, S] host array: which slots the press keeps (per-layer budgets allowed)."""
     n_kept, protect_first, protect_last = plan(cache, press, observations, image_len, protect_last)
     inputs = PressInputs(cache.k, cache.v, cache.kv_len, cache.positions, observations)
-    return np.asarray(_kept_mask(_traced(press), inputs, n_kept, protect_first, protect_last))
+    return np.asarray(_kept_mask(ratio_free(press), inputs, n_kept, protect_first, protect_last))
 
 
 def forward_observed(graphdef, state, cache: KVCache, tokens, lengths, embeds=None, *, press: Press):
@@ -205,7 +205,7 @@ def prefill(model, cache: KVCache, tokens, lengths=None, embeds=None, *, press: 
     tokens, lengths = _prepare(cache, tokens, lengths, embeds)
     if np.asarray(cache.kv_len).any():
         raise KVJaxError("kvjax.presses.prefill needs an empty cache (presses score a fresh prompt, as kvpress does)")
-    return _prefill(parts.graphdef, parts.state, cache, tokens, lengths, embeds, _traced(press))
+    return _prefill(parts.graphdef, parts.state, cache, tokens, lengths, embeds, ratio_free(press))
 
 
 def compress_prompt(model, cache: KVCache, tokens, lengths=None, embeds=None, *, press: Press, **options):
