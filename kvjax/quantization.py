@@ -71,6 +71,14 @@ def read_layer(cache_x, layer: int) -> jax.Array:
     return as_dense(jax.tree.map(lambda x: x[layer], cache_x))
 
 
+def kernel_operands(x) -> tuple[jax.Array, jax.Array | None]:
+    """(values, scales [.., S] or None) as the Pallas attention kernels take them: int8 blocks are
+    dequantized inside the kernel, so only a quarter of float32's bytes is read."""
+    if isinstance(x, QuantizedArray):
+        return x.values, x.scales[..., 0]
+    return x, None
+
+
 def as_dense(x) -> jax.Array:
     """x itself, or dequantized if it is a QuantizedArray (e.g. int8 pages gathered by the engine)."""
     return dequantize(x) if isinstance(x, QuantizedArray) else x

@@ -50,6 +50,14 @@ def merge_splits(o: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array) -> jax.
     return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
+def dequantize(values: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
+    """int8 values [..., n, D] with float32 scales [..., n] -> [..., n, D] in dtype, exactly as
+    kvjax.quantization.dequantize; values pass through unchanged when scales is None."""
+    if scales is None:
+        return values
+    return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)
+
+
 def split_blocks(num_blocks, num_splits: int):
     """[first, last) of the blocks this program (split = program_id 2) walks. Splits divide the
     *valid* blocks, so a short sequence still spreads over all its programs."""

@@ -5,6 +5,9 @@ i // (Hq // Hkv). With `layer=l`, k and v are a whole cache [L, B, Hkv, S, D] an
 in place: slicing it first would make XLA copy the layer before the kernel on every step. Scores are q.k / sqrt(D) softmaxed in float32; kv_len 0 gives zeros. Slots at or
 past kv_len are never read by the kernel (and may hold anything, NaN included), so a compacted
 cache costs time in proportion to its kv_len, not to S.
+
+An int8 cache passes its float32 scales (k_scales, v_scales: k's shape without D); the kernel
+reads int8 blocks and dequantizes them in registers, so it moves a quarter of float32's bytes.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels._dispatch import fall_back, kernel_mode
-from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, group_queries, merge_splits,
-                                    online_softmax, split_blocks, split_outputs)
+from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, dequantize, group_queries,
+                                    merge_splits, online_softmax, split_blocks, split_outputs)
 
 
 
@@ -30,10 +33,14 @@ def decode_attention_reference(
     v: jax.Array,  # [B, Hkv, S, D]
     kv_len: jax.Array,  # int32 [B]: slots [0, kv_len) are attended
     layer: int | None = None,  # given: k, v are [L, B, Hkv, S, D]
+    k_scales: jax.Array | None = None,  # float32, k.shape[:-1]: k and v are int8 (kvjax.quantization)
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:  # [B, Hq, D], q.dtype
     """The definition: the matmuls in the input dtype, the softmax in float32 (as cached_attention)."""
     if layer is not None:
         k, v = k[layer], v[layer]
+        k_scales, v_scales = (None if x is None else x[layer] for x in (k_scales, v_scales))
+    k, v = dequantize(k, k_scales, q.dtype), dequantize(v, v_scales, q.dtype)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, max_len = k.shape[1], k.shape[2]
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -68,18 +75,22 @@ def unsupported_reason(q_shape, k_shape) -> str | None:
     return None
 
 
-def _decode_kernel(kv_len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k, num_splits, scale):
+def _decode_kernel(kv_len_ref, q_ref, k_ref, v_ref, *refs, block_k, num_splits, scale, quantized):
     """One (sequence, KV head, split): all of the head's query rows over the split's share of blocks.
 
-    kv_len_ref []; q_ref [Hp, D]; k_ref, v_ref [S, D]; o_ref [Hp, D] f32 (unnormalised);
-    m_ref, l_ref [Hp] f32 (running max and softmax denominator, for the combine across splits)."""
+    kv_len_ref []; q_ref [Hp, D]; k_ref, v_ref [S, D]; refs: (ks_ref, vs_ref [S] float32 scales if
+    quantized), o_ref [Hp, D] f32 (unnormalised), m_ref, l_ref [Hp] f32 (running max and softmax
+    denominator, for the combine across splits)."""
+    scale_refs, (o_ref, m_ref, l_ref) = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
     kv_len = kv_len_ref[()]
     first, last = split_blocks(pl.cdiv(kv_len, block_k), num_splits)
 
     def load_block(block):
         start = pl.multiple_of(block * block_k, block_k)
         valid = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < kv_len  # only the last block is partial
-        return k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :], valid
+        k, v = (dequantize(ref[pl.ds(start, block_k), :], None if s is None else s[pl.ds(start, block_k)],
+                           q_ref.dtype) for ref, s in zip((k_ref, v_ref), scale_refs))
+        return k, v, valid
 
     o, m, l = online_softmax(q_ref[...], first, last, load_block, scale)  # noqa: E741
     o_ref[...] = o
@@ -93,6 +104,8 @@ def decode_attention_pallas(
     v: jax.Array,  # [B, Hkv, S, D]
     kv_len: jax.Array,  # int32 [B]
     layer: int | None = None,  # given: k, v are [L, B, Hkv, S, D], layer read in place
+    k_scales: jax.Array | None = None,  # float32, k.shape[:-1]: k and v are int8
+    v_scales: jax.Array | None = None,
     *,
     block_k: int = 64,
     num_splits: int | None = None,
@@ -100,11 +113,13 @@ def decode_attention_pallas(
 ) -> jax.Array:  # [B, Hq, D], q.dtype
     """Split-K flash decoding; one program per (sequence, KV head, split), the group's query heads
     padded to >= 16 rows for the tensor-core dot, partial results merged by log-sum-exp."""
-    return _decode_attention_pallas(q, k, v, kv_len, layer, DecodeAttentionBlocks(block_k, num_splits), interpret)
+    return _decode_attention_pallas(q, k, v, kv_len, k_scales, v_scales, layer,
+                                    DecodeAttentionBlocks(block_k, num_splits), interpret)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _decode_attention_pallas(q, k, v, kv_len, layer, blocks: DecodeAttentionBlocks, interpret: bool):
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _decode_attention_pallas(q, k, v, kv_len, k_scales, v_scales, layer, blocks: DecodeAttentionBlocks,
+                             interpret: bool):
     batch, num_heads, head_dim = q.shape
     num_kv_heads, max_len = k.shape[-3], k.shape[-2]
     if (k.shape != v.shape or k.ndim != (4 if layer is None else 5) or k.shape[-4] != batch
@@ -123,13 +138,17 @@ def _decode_attention_pallas(q, k, v, kv_len, layer, blocks: DecodeAttentionBloc
     qg, rows = group_queries(q, num_kv_heads)
 
     grid = (batch, num_kv_heads, num_splits)
+    quantized = k_scales is not None
     if layer is None:
         kv_spec = pl.BlockSpec((None, None, max_len, head_dim), lambda b, h, s: (b, h, 0, 0))
+        scale_spec = pl.BlockSpec((None, None, max_len), lambda b, h, s: (b, h, 0))
     else:
         kv_spec = pl.BlockSpec((None, None, None, max_len, head_dim), lambda b, h, s: (layer, b, h, 0, 0))
+        scale_spec = pl.BlockSpec((None, None, None, max_len), lambda b, h, s: (layer, b, h, 0))
     out_specs, out_shape = split_outputs(batch, num_kv_heads, num_splits, rows, head_dim)
     kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
-                               scale=head_dim ** -0.5)
+                               scale=head_dim ** -0.5, quantized=quantized)
+    scales = (k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)) if quantized else ()
     o, m, l = pl.pallas_call(
         kernel,
         grid=grid,
@@ -138,18 +157,20 @@ def _decode_attention_pallas(q, k, v, kv_len, layer, blocks: DecodeAttentionBloc
             pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
             kv_spec,
             kv_spec,
+            *[scale_spec] * len(scales),
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
-        name="kvjax_decode_attention",
-    )(kv_len.astype(jnp.int32), qg, k, v)
+        name="kvjax_decode_attention_int8" if quantized else "kvjax_decode_attention",
+    )(kv_len.astype(jnp.int32), qg, k, v, *scales)
 
     return merge_splits(o, m, l, q)
 
 
-def decode_attention(q, k, v, kv_len, layer: int | None = None, *, mode: str | None = None):
+def decode_attention(q, k, v, kv_len, layer: int | None = None, k_scales=None, v_scales=None, *,
+                     mode: str | None = None):
     """Dispatcher: Pallas on GPU, the reference on CPU; `mode` or $KVJAX_KERNELS overrides, and
     shapes the kernel cannot take use the reference with a one-time warning."""
     mode = kernel_mode(mode)
@@ -158,5 +179,5 @@ def decode_attention(q, k, v, kv_len, layer: int | None = None, *, mode: str | N
         if reason:
             mode = fall_back("decode_attention", reason)
     if mode == "reference":
-        return decode_attention_reference(q, k, v, kv_len, layer)
-    return decode_attention_pallas(q, k, v, kv_len, layer, interpret=mode == "interpret")
+        return decode_attention_reference(q, k, v, kv_len, layer, k_scales, v_scales)
+    return decode_attention_pallas(q, k, v, kv_len, layer, k_scales, v_scales, interpret=mode == "interpret")

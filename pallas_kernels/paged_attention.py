@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 from pallas_kernels._dispatch import fall_back, kernel_mode
 from pallas_kernels.decode_attention import decode_attention_reference
-from pallas_kernels._splitk import (MIN_DOT, TARGET_PROGRAMS, group_queries, merge_splits,
+from pallas_kernels._splitk import (MIN_DOT, TARGET_PROGRAMS, dequantize, group_queries, merge_splits,
                                     online_softmax, split_blocks, split_outputs)
 
 
@@ -84,13 +84,19 @@ def paged_attention_reference(
     page_table: jax.Array,  # int32 [B, W]
     kv_len: jax.Array,  # int32 [B]: slots [0, kv_len) are attended; kv_len <= W * page_size
     layer: int | None = None,
+    k_scales: jax.Array | None = None,  # float32, k_pages.shape[:-1]: int8 pages (kvjax.quantization)
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:  # [B, Hq, D], q.dtype
     """The definition: gather through the table, then the matmuls in the input dtype and the
     softmax in float32 (as kvjax's cached_attention); kv_len 0 gives zeros."""
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
+        k_scales, v_scales = (None if x is None else x[layer] for x in (k_scales, v_scales))
     k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # [B, Hkv, S, D]
-    return decode_attention_reference(q, k, v, kv_len)
+    # Scales [P, Hkv, ps] gather as pages with a unit D axis.
+    k_scales, v_scales = (None if x is None else gather_pages(x[..., None], page_table)[..., 0]
+                          for x in (k_scales, v_scales))
+    return decode_attention_reference(q, k, v, kv_len, None, k_scales, v_scales)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,12 +119,14 @@ def unsupported_reason(q_shape, pages_shape) -> str | None:
     return None
 
 
-def _paged_kernel(kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, num_splits, scale):
+def _paged_kernel(kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, num_splits, scale, quantized):
     """One (sequence, KV head, split): all of the head's query rows over the split's share of the
     sequence's valid pages, each page found through the table row.
 
     kv_len_ref []; table_ref [W]; q_ref [Hp, D]; k_ref, v_ref [P, page_size, D] (this KV head of the
-    whole pool); o_ref [Hp, D] f32 (unnormalised); m_ref, l_ref [Hp] f32 (for the split combine)."""
+    whole pool); refs: (ks_ref, vs_ref [P, page_size] scales if quantized), o_ref [Hp, D] f32
+    (unnormalised), m_ref, l_ref [Hp] f32 (for the split combine)."""
+    scale_refs, (o_ref, m_ref, l_ref) = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
     kv_len = kv_len_ref[()]
     page_size = k_ref.shape[-2]
     # Only the pages holding slots [0, kv_len) are read.
@@ -127,7 +135,9 @@ def _paged_kernel(kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_re
     def load_block(index):
         page = table_ref[index]
         valid = index * page_size + lax.broadcasted_iota(jnp.int32, (page_size,), 0) < kv_len  # last page: partial
-        return k_ref[page, :, :], v_ref[page, :, :], valid
+        k, v = (dequantize(ref[page, :, :], None if s is None else s[page, :], q_ref.dtype)
+                for ref, s in zip((k_ref, v_ref), scale_refs))
+        return k, v, valid
 
     o, m, l = online_softmax(q_ref[...], first, last, load_block, scale)  # noqa: E741
     o_ref[...] = o
@@ -142,6 +152,8 @@ def paged_attention_pallas(
     page_table: jax.Array,  # int32 [B, W]
     kv_len: jax.Array,  # int32 [B]: kv_len <= W * page_size
     layer: int | None = None,  # given: the pool has a layer axis and layer `layer` is read in place
+    k_scales: jax.Array | None = None,  # float32, k_pages.shape[:-1]: int8 pages, dequantized per page
+    v_scales: jax.Array | None = None,
     *,
     num_splits: int | None = None,
     interpret: bool = False,
@@ -149,13 +161,13 @@ def paged_attention_pallas(
     """Split-K paged flash decoding; one program per (sequence, KV head, split) walking only the
     sequence's valid pages, the group's query heads padded to >= 16 rows for the tensor-core dot,
     partial results merged by log-sum-exp."""
-    return _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer,
+    return _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, k_scales, v_scales, layer,
                                    PagedAttentionBlocks(num_splits), interpret)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, blocks: PagedAttentionBlocks,
-                            interpret: bool):
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, k_scales, v_scales, layer,
+                            blocks: PagedAttentionBlocks, interpret: bool):
     batch, num_heads, head_dim = q.shape
     num_pages, num_kv_heads, page_size = k_pages.shape[-4], k_pages.shape[-3], k_pages.shape[-2]
     width = page_table.shape[1]
@@ -173,13 +185,17 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, bloc
     qg, rows = group_queries(q, num_kv_heads)
 
     grid = (batch, num_kv_heads, num_splits)
+    quantized = k_scales is not None
     if layer is None:  # the program sees its KV head of every page: [P, page_size, D]
         pool_spec = pl.BlockSpec((num_pages, None, page_size, head_dim), lambda b, h, s: (0, h, 0, 0))
+        scale_spec = pl.BlockSpec((num_pages, None, page_size), lambda b, h, s: (0, h, 0))
     else:
         pool_spec = pl.BlockSpec((None, num_pages, None, page_size, head_dim),
                                  lambda b, h, s: (layer, 0, h, 0, 0))
+        scale_spec = pl.BlockSpec((None, num_pages, None, page_size), lambda b, h, s: (layer, 0, h, 0))
     out_specs, out_shape = split_outputs(batch, num_kv_heads, num_splits, rows, head_dim)
-    kernel = functools.partial(_paged_kernel, num_splits=num_splits, scale=head_dim ** -0.5)
+    kernel = functools.partial(_paged_kernel, num_splits=num_splits, scale=head_dim ** -0.5, quantized=quantized)
+    scales = (k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)) if quantized else ()
     o, m, l = pl.pallas_call(
         kernel,
         grid=grid,
@@ -189,19 +205,20 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, bloc
             pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
             pool_spec,
             pool_spec,
+            *[scale_spec] * len(scales),
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
-        name="kvjax_paged_attention",
-    )(kv_len.astype(jnp.int32), page_table.astype(jnp.int32), qg, k_pages, v_pages)
+        name="kvjax_paged_attention_int8" if quantized else "kvjax_paged_attention",
+    )(kv_len.astype(jnp.int32), page_table.astype(jnp.int32), qg, k_pages, v_pages, *scales)
 
     return merge_splits(o, m, l, q)
 
 
-def paged_attention(q, k_pages, v_pages, page_table, kv_len, layer: int | None = None, *,
-                    mode: str | None = None):
+def paged_attention(q, k_pages, v_pages, page_table, kv_len, layer: int | None = None, k_scales=None,
+                    v_scales=None, *, mode: str | None = None):
     """Dispatcher: Pallas on GPU, the reference on CPU; `mode` or $KVJAX_KERNELS overrides, and
     shapes the kernel cannot take use the reference with a one-time warning."""
     mode = kernel_mode(mode)
@@ -210,5 +227,6 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_len, layer: int | None =
         if reason:
             mode = fall_back("paged_attention", reason)
     if mode == "reference":
-        return paged_attention_reference(q, k_pages, v_pages, page_table, kv_len, layer)
-    return paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, interpret=mode == "interpret")
+        return paged_attention_reference(q, k_pages, v_pages, page_table, kv_len, layer, k_scales, v_scales)
+    return paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, k_scales, v_scales,
+                                  interpret=mode == "interpret")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.quantization import QuantizedArray, as_dense, read_layer, store
+from kvjax.quantization import as_dense, kernel_operands, read_layer, store
 from pallas_kernels._dispatch import kernel_mode
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.paged_attention import PagedKV, paged_attention
@@ -31,13 +31,17 @@ def cached_attention(
     (int8 pages: gathered and dequantized, as the dense int8 cache)."""
     batch, num_new, num_heads, head_dim = q.shape
     if isinstance(k, PagedKV):
-        if num_new == 1 and not isinstance(k.pages, QuantizedArray):
-            return paged_attention(q[:, 0], k.pages, v.pages, k.page_table, visible_len[:, 0], layer)[:, None]
-        # Prefill, or int8 pages (the reference path): a dense, dequantized view of the layer's pages.
+        if num_new == 1:  # int8 pages pass their scales; the kernel dequantizes per page
+            (k_pages, k_scales), (v_pages, v_scales) = kernel_operands(k.pages), kernel_operands(v.pages)
+            return paged_attention(q[:, 0], k_pages, v_pages, k.page_table, visible_len[:, 0], layer,
+                                   k_scales, v_scales)[:, None]
+        # Prefill: a dense (dequantized) view of the layer's pages.
         k, v, layer = as_dense(k.read_layer(layer)), as_dense(v.read_layer(layer)), None
-    if num_new == 1 and kernel_mode() != "reference" and not isinstance(k, QuantizedArray):
-        # Decode on GPU: the ragged split-K kernel reads only visible slots. CPU keeps the code below.
-        return decode_attention(q[:, 0], k, v, visible_len[:, 0], layer)[:, None]
+    if num_new == 1 and kernel_mode() != "reference":
+        # Decode on GPU: the ragged split-K kernel reads only visible slots (int8: dequantized in the
+        # kernel). CPU keeps the code below.
+        (k_values, k_scales), (v_values, v_scales) = kernel_operands(k), kernel_operands(v)
+        return decode_attention(q[:, 0], k_values, v_values, visible_len[:, 0], layer, k_scales, v_scales)[:, None]
     if layer is not None:  # an int8 cache is dequantized here (kvjax.quantization)
         k, v = read_layer(k, layer), read_layer(v, layer)
     num_kv_heads, max_len = k.shape[1], k.shape[2]

@@ -83,3 +83,24 @@ def test_attention_reads_a_quantized_layer_as_its_dequantized_values():
     out_q = cached_attention(q, k, v, visible, layer=1)
     out_r = cached_attention(q, dequantize(k), dequantize(v), visible, layer=1)
     np.testing.assert_array_equal(np.asarray(out_q), np.asarray(out_r))
+
+
+def test_decode_on_the_kernel_path_reads_int8_blocks(monkeypatch):
+    # With the kernels on (KVJAX_KERNELS=interpret stands in for the GPU), an int8 cache goes to the
+    # decode kernel as int8 values + scales and gives what the CPU path gives.
+    from kvjax.models.attention import cached_attention
+    from pallas_kernels import decode_attention as decode_module
+
+    rng = np.random.default_rng(4)
+    k, v = (quantize(jnp.asarray(rng.standard_normal((2, 2, 2, 64, 16)), jnp.float32)) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
+    visible = jnp.asarray([[9], [64]], jnp.int32)
+    seen = []
+    kernel = decode_module.decode_attention_pallas
+    monkeypatch.setattr(decode_module, "decode_attention_pallas",
+                        lambda q, k, *a, **kw: seen.append(k.dtype) or kernel(q, k, *a, **kw))
+    expected = cached_attention(q, k, v, visible, 1)
+    monkeypatch.setenv("KVJAX_KERNELS", "interpret")
+    got = cached_attention(q, k, v, visible, 1)
+    assert seen == [jnp.int8]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5, rtol=2e-5)

@@ -102,3 +102,25 @@ def test_whole_cache_with_layer_reads_that_layer():
         q, jnp.asarray(k), jnp.asarray(v), kv_len, 1)
     assert_close(out, reference(q, jnp.asarray(k[1]), jnp.asarray(v[1]), kv_len), jnp.float32)
     np.testing.assert_array_equal(decode_attention_reference(q, k, v, kv_len, 1), reference(q, k[1], v[1], kv_len))
+
+
+@pytest.mark.parametrize("dtype,layer", [(jnp.float32, None), (jnp.bfloat16, 1)])
+def test_int8_cache_is_dequantized_in_the_kernel(dtype, layer):
+    # int8 values + float32 scales (kvjax.quantization's layout): the kernel reading int8 blocks
+    # equals the reference, and the reference equals attention over the dequantized cache.
+    from kvjax.quantization import dequantize, kernel_operands, quantize
+
+    rng = np.random.default_rng(11)
+    batch, num_kv_heads, group, head_dim, max_len = 3, 2, 2, 32, 128
+    kv_len = jnp.asarray([0, 77, 128], jnp.int32)
+    shape = (2, batch, num_kv_heads, max_len, head_dim) if layer is not None else (batch, num_kv_heads, max_len, head_dim)
+    k, v = (quantize(jnp.asarray(normal(rng, shape, dtype)), dtype) for _ in range(2))
+    (kq, ks), (vq, vs) = kernel_operands(k), kernel_operands(v)
+    assert kq.dtype == jnp.int8 and ks.shape == shape[:-1]
+    q = jnp.asarray(normal(rng, (batch, num_kv_heads * group, head_dim), dtype))
+    want = reference(q, kq, vq, kv_len, layer, ks, vs)
+    assert_close(want, reference(q, dequantize(k), dequantize(v), kv_len, layer), dtype)
+    got = fast_jit(functools.partial(decode_attention_pallas, block_k=32, interpret=True),
+                   static_argnums=4)(q, kq, vq, kv_len, layer, ks, vs)
+    assert got.dtype == q.dtype
+    assert_close(got, want, dtype)

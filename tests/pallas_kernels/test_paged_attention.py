@@ -159,3 +159,22 @@ def test_cached_attention_sends_paged_decode_to_the_kernel(monkeypatch):
     monkeypatch.setenv("KVJAX_KERNELS", "interpret")  # read at trace time, so trace anew
     assert_close(fast_jit(lambda *a: attend(*a))(q, k, v, table, visible), expected, jnp.float32)
     assert calls
+
+
+def test_int8_pages_are_dequantized_in_the_kernel():
+    # int8 pages with per-slot scales (the engine's kv_cache_dtype="int8"), a layer axis read in
+    # place: kernel == reference == the reference over the dequantized pool.
+    from kvjax.quantization import dequantize, kernel_operands, quantize
+
+    rng = np.random.default_rng(13)
+    kv_len = np.asarray([0, 40, 64], np.int32)
+    k, v, table = _pool(rng, 16, 2, 16, 32, jnp.float32, kv_len, 4, num_layers=2)
+    k, v = (quantize(jnp.nan_to_num(x)) for x in (k, v))  # int8 has no NaN: poisoned slots become 0
+    (kq, ks), (vq, vs) = kernel_operands(k), kernel_operands(v)
+    q = jnp.asarray(normal(rng, (3, 4, 32)))
+    lengths = jnp.asarray(kv_len)
+    want = reference(q, kq, vq, table, lengths, 1, ks, vs)
+    assert_close(want, reference(q, dequantize(k), dequantize(v), table, lengths, 1), jnp.float32)
+    got = fast_jit(functools.partial(paged_attention_pallas, interpret=True), static_argnums=5)(
+        q, kq, vq, table, lengths, 1, ks, vs)
+    assert_close(got, want, jnp.float32)
