@@ -4,8 +4,9 @@
     python scripts/bench_kernels.py --small --out smoke.json            # CPU smoke run (interpret)
 
 Shapes: 32 KV heads, head_dim 128, bf16 (LLaVA-1.5-7B's Llama-2-7B LM). Reported, as JSON:
-- decode_attention: ms per call for kv_len 128 and 640 at batch 1/32/128 (reference, Pallas and,
-  on GPU, jax's own Pallas `gqa` decode kernel), and the 640/128 time ratio (linear would be 5x).
+- decode_attention: ms per call for kv_len 128 and 640 at batch 1/32/128 (reference, Pallas, Pallas
+  over an int8 cache and, on GPU, jax's own Pallas `gqa` decode kernel), and the 640/128 time
+  ratio (linear would be 5x).
 - compact_kv: ms and GB/s (bytes read + written by the move) against --hbm-gbps.
 - ccm_compress: ms against the time to read the valid K/V once (a jnp reduction over them).
 Each figure is the median of --repeats timed calls after one warm-up (which compiles). On CPU the
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.quantization import kernel_operands, quantize
 from pallas_kernels.ccm_compress import CCMWeights, GroupMLP, ccm_compress_pallas, ccm_compress_reference
 from pallas_kernels.compact_kv import compact_kv_pallas, compact_kv_reference
 from pallas_kernels.decode_attention import decode_attention_pallas, decode_attention_reference
@@ -82,18 +84,22 @@ def bench_decode(args, rng, dtype, interpret, on_gpu):
         shape = (batch, args.kv_heads, args.max_len, args.head_dim)
         q = jnp.asarray(rng.standard_normal((batch, args.q_heads, args.head_dim)), dtype)
         k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
-        impls = {"reference": (jax.jit(decode_attention_reference), k, v),
-                 "pallas": (jax.jit(functools.partial(decode_attention_pallas, interpret=interpret)), k, v)}
+        pallas = functools.partial(decode_attention_pallas, interpret=interpret)
+        (kq, ks), (vq, vs) = (kernel_operands(quantize(x)) for x in (k, v))  # int8 + scales, as kvjax stores them
+        impls = {"reference": (jax.jit(decode_attention_reference), (k, v)),
+                 "pallas": (jax.jit(pallas), (k, v)),
+                 "pallas_int8": (jax.jit(lambda q, k, v, n, ks, vs: pallas(q, k, v, n, None, ks, vs)), (kq, vq))}
         if on_gpu:  # jax's own split-K Pallas decode kernel, cache in its [B, S, Hkv, D] layout
             from jax.experimental.pallas.ops.gpu.decode_attention import gqa
             impls["jax_gqa"] = (jax.jit(lambda q, k, v, n: gqa(q, k, v, kv_seq_len=n)),
-                                jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-        for name, (fn, k_in, v_in) in impls.items():
+                                (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)))
+        for name, (fn, cache) in impls.items():
             ms = {}
             for n in kv_lens:
                 lengths = jnp.full((batch,), n, jnp.int32)
+                extra = (ks, vs) if name == "pallas_int8" else ()
                 # The output (same shape as q) is the next call's query.
-                ms[n] = median_ms(lambda q_, f=fn, a=(k_in, v_in, lengths): (f(q_, *a),), (q,), args.repeats)
+                ms[n] = median_ms(lambda q_, f=fn, a=(*cache, lengths, *extra): (f(q_, *a),), (q,), args.repeats)
             row = dict(op="decode_attention", impl=name, batch=batch, ms={str(n): ms[n] for n in kv_lens})
             if len(kv_lens) == 2:
                 row["ratio_long_over_short"] = ms[kv_lens[1]] / ms[kv_lens[0]]

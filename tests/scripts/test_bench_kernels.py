@@ -19,7 +19,8 @@ def test_small_run_writes_every_op(tmp_path):
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["environment"]["pallas_interpreted"] is True
     rows = {(r["op"], r["impl"], r.get("batch")) for r in report["results"]}
-    assert rows == {("decode_attention", impl, b) for impl in ("reference", "pallas") for b in (1, 2)} | {
+    assert rows == {("decode_attention", impl, b) for impl in ("reference", "pallas", "pallas_int8")
+                    for b in (1, 2)} | {
         (op, impl, None) for op in ("compact_kv", "ccm_compress") for impl in ("reference", "pallas")}
     for row in report["results"]:
         if row["op"] == "decode_attention":
