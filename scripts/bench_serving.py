@@ -1,12 +1,14 @@
-"""Online serving benchmark: Poisson arrivals through `inference.Engine`, baseline vs compressed.
+"""Online serving benchmark: Poisson arrivals through `inference.Engine`, baseline vs compressed vs int8 pages.
 
     python scripts/bench_serving.py --like llama-2-7b --dtype bfloat16 --num-samples 256 --req-per-sec 8   # GPU
     python scripts/bench_serving.py --model-dir DIR --num-samples 32 --req-per-sec 4 --json out.json      # CPU
 
 Requests arrive at Poisson times (--req-per-sec; 0 = all at once) and carry `arrival_s`; every
 variant (--variants: `baseline`, `ccm` = a randomly initialised CCM compressor with
---compression-factor over an --image-kv-len image span, or a press `NAME:RATIO` such as `knorm:0.5`)
-serves the same requests in the same run, each on a fresh engine with the same page pool. Prompts
+--compression-factor over an --image-kv-len image span, or a press `NAME:RATIO` such as `knorm:0.5`;
+a `+int8` suffix keeps its pages int8 with float32 scales, a bare name takes --kv-cache-dtype)
+serves the same requests in the same run, each on a fresh engine with the same pool: --num-pages
+pages, or --kv-cache-bytes bytes (then int8 variants get more pages). Prompts
 come from a LLaVA-style JSON/JSONL (--dataset: the first human turn, `<image>` dropped: the engine
 serves the language model) or are synthetic ("Hello" x --context-len, the seeds' default).
 Reported per variant: output tokens/s (all output tokens over the time from the first arrival to
@@ -46,12 +48,17 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--req-per-sec", type=float, default=4.0, help="Poisson arrival rate; 0 = all at t=0")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--variants", default="baseline,ccm", help="comma list: baseline, ccm, NAME:RATIO (a press)")
+    p.add_argument("--variants", default="baseline,ccm,ccm+int8",
+                   help="comma list: baseline, ccm, NAME:RATIO (a press), each optionally +int8")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="pages of a variant without +int8 (auto: the model's dtype)")
     p.add_argument("--image-kv-len", type=int, default=576, help="CCM image span (cut to each prompt)")
     p.add_argument("--compression-factor", type=int, default=5)
     p.add_argument("--min-seq-len", type=int, default=2)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None, help="page pool (default: max-num-seqs full sequences)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="page pool in bytes, scales counted (not with "
+                   "--num-pages): int8 variants get more pages")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--prefill-batch-size", type=int, default=4)
     p.add_argument("--compress-batch-size", type=int, default=8)
@@ -104,6 +111,18 @@ def build_prompts(args, tokenizer, vocab_size: int, rng) -> list[list[int]]:
     return [tokenizer.encode(t)[:args.max_prompt_len] for t in texts]
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+def split_variant(name: str, kv_cache_dtype: str):
+    """'ccm+int8' -> ('ccm', 'int8'); a bare name takes kv_cache_dtype ('auto' -> None: the model's dtype)."""
+    method, plus, suffix = name.partition("+")
+    if plus and suffix not in KV_CACHE_DTYPES:
+        raise kvjax.KVJaxError(f"--variants: {name!r}: the suffix after '+' must be one of {KV_CACHE_DTYPES}")
+    kv_dtype = suffix if plus else kv_cache_dtype
+    return method, None if kv_dtype == "auto" else kv_dtype
+
+
 def make_method(name: str, cfg, args):
     """None (baseline), a random CCM compressor, or a press NAME:RATIO."""
     if name == "baseline":
@@ -124,9 +143,10 @@ def _percentiles(values) -> dict:
             "mean": float(values.mean())}
 
 
-def serve(parts, tokenizer, prompts, arrivals, method, args, *, progress=None) -> dict:
+def serve(parts, tokenizer, prompts, arrivals, method, kv_dtype, args, *, progress=None) -> dict:
     """All requests through a fresh engine; the serving metrics."""
     engine = Engine(parts, tokenizer=tokenizer, page_size=args.page_size, num_pages=args.num_pages,
+                    kv_cache_bytes=args.kv_cache_bytes, kv_cache_dtype=kv_dtype,
                     max_num_seqs=args.max_num_seqs, max_model_len=max(map(len, prompts)) + args.max_new_tokens + 1,
                     prefill_batch_size=args.prefill_batch_size, compress_batch_size=args.compress_batch_size,
                     decoding_batch_size=args.decoding_batch_size, eos_ids=(), seed=args.seed)
@@ -139,12 +159,15 @@ def serve(parts, tokenizer, prompts, arrivals, method, args, *, progress=None) -
     num_tokens = sum(len(r.token_ids) for r in results)
     span_s = max(float(t) + r.latency_s for t, r in zip(arrivals, results))  # first arrival (t=0) -> last finish
     compressed = [r.compressed_len for r in results if r.compressed_len is not None]
+    page_bytes = engine.runner.cache.page_bytes()
     return {"num_requests": len(results), "output_tokens": num_tokens, "wall_s": wall_s,
             "tokens_per_s": num_tokens / span_s, "requests_per_s": len(results) / span_s,
             "ttft_s": _percentiles([r.ttft_s for r in results]),
             "tpot_s": _percentiles([r.tpot_s for r in results]),
             "latency_s": _percentiles([r.latency_s for r in results]),
             "peak_pages": engine.allocator.peak_used, "num_pages": engine.allocator.num_pages,
+            "kv_cache_dtype": kv_dtype or "auto", "page_bytes": page_bytes,
+            "pool_bytes": page_bytes * engine.allocator.num_pages,
             "max_concurrent_seqs": engine.stats["max_running"],
             "preempted": sum(r.num_preempted for r in results),
             "pages_freed_by_compression": engine.stats["pages_freed_by_compression"],
@@ -152,23 +175,29 @@ def serve(parts, tokenizer, prompts, arrivals, method, args, *, progress=None) -
             "mean_compressed_len": float(np.mean(compressed)) if compressed else None}
 
 
+def arrival_times(req_per_sec: float, num: int, rng) -> np.ndarray:
+    """Poisson arrival times [num] starting at t=0 (all zeros when req_per_sec is 0)."""
+    gaps = rng.exponential(1.0 / req_per_sec, num) if req_per_sec > 0 else np.zeros(num)
+    return np.cumsum(gaps) - gaps[0]
+
+
 def run(args, argv) -> dict:
+    names = {v.strip(): split_variant(v.strip(), args.kv_cache_dtype) for v in args.variants.split(",") if v.strip()}
+    if not names:
+        raise kvjax.KVJaxError("--variants is empty; give e.g. baseline,ccm,ccm+int8")
     model_dir = model_dir_for(args)
     model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype)
     parts = kvjax.split(model)
     rng = np.random.default_rng(args.seed)
     prompts = build_prompts(args, tokenizer, cfg.vocab_size, rng)
-    gaps = (rng.exponential(1.0 / args.req_per_sec, args.num_samples) if args.req_per_sec > 0
-            else np.zeros(args.num_samples))
-    arrivals = np.cumsum(gaps) - gaps[0]  # the first request arrives at t=0
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    arrivals = arrival_times(args.req_per_sec, args.num_samples, rng)
     variants = {}
-    for name in names:
-        method = make_method(name, cfg, args)
+    for name, (method_name, kv_dtype) in names.items():
+        method = make_method(method_name, cfg, args)
         if not args.no_warmup:
-            serve(parts, tokenizer, prompts, np.zeros(len(prompts)), method, args)
+            serve(parts, tokenizer, prompts, np.zeros(len(prompts)), method, kv_dtype, args)
         with tqdm(total=len(prompts), disable=args.quiet, desc=name) as bar:
-            variants[name] = serve(parts, tokenizer, prompts, arrivals, method, args, progress=bar.update)
+            variants[name] = serve(parts, tokenizer, prompts, arrivals, method, kv_dtype, args, progress=bar.update)
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "quiet")}
     model_info = {"family": cfg.family, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
                   "head_dim": cfg.head_dim, "hidden_size": cfg.hidden_size}
@@ -209,17 +238,22 @@ def main(argv=None) -> int:
         if min(args.num_samples, args.max_new_tokens, args.page_size, args.context_len, args.max_prompt_len) <= 0:
             raise kvjax.KVJaxError("--num-samples, --max-new-tokens, --page-size, --context-len and "
                                    "--max-prompt-len must be > 0")
+        if args.kv_cache_bytes is not None and args.kv_cache_bytes <= 0:
+            raise kvjax.KVJaxError(f"--kv-cache-bytes must be > 0, got {args.kv_cache_bytes}")
+        if args.kv_cache_bytes is not None and args.num_pages is not None:
+            raise kvjax.KVJaxError("--num-pages and --kv-cache-bytes both size the pool; give one")
         if args.req_per_sec < 0:
             raise kvjax.KVJaxError(f"--req-per-sec must be >= 0, got {args.req_per_sec}")
         report = run(args, argv)
     except (kvjax.KVJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'variant':>12}  {'tok/s':>8}  {'TTFT p50/p99 ms':>17}  {'TPOT p50/p99 ms':>17}  {'peak pages':>10}  "
+    print(f"{'variant':>12}  {'tok/s':>8}  {'TTFT p50/p99 ms':>17}  {'TPOT p50/p99 ms':>17}  {'peak/pages':>10}  "
           f"{'max seqs':>8}")
     for name, r in report["variants"].items():
         print(f"{name:>12}  {r['tokens_per_s']:>8.1f}  {1e3 * r['ttft_s']['p50']:>8.1f}/{1e3 * r['ttft_s']['p99']:<8.1f}  "
-              f"{1e3 * r['tpot_s']['p50']:>8.2f}/{1e3 * r['tpot_s']['p99']:<8.2f}  {r['peak_pages']:>10}  "
+              f"{1e3 * r['tpot_s']['p50']:>8.2f}/{1e3 * r['tpot_s']['p99']:<8.2f}  "
+              f"{str(r['peak_pages']) + '/' + str(r['num_pages']):>10}  "
               f"{r['max_concurrent_seqs']:>8}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -1,14 +1,17 @@
-"""Decode throughput of the serving engine's paged cache, baseline vs CCM-compressed, per batch size.
+"""Decode throughput of the serving engine's paged cache, baseline vs CCM-compressed vs int8 pages.
 
     python scripts/bench_throughput.py --like llama-2-7b --dtype bfloat16 --batch-sizes 1,32,64,128   # GPU
     python scripts/bench_throughput.py --model-dir DIR --batch-sizes 1,4,16 --json out.json           # CPU
 
 Each batch size runs the engine (inference.Engine) on B requests of --prompt-len random tokens
 (the first --image-kv-len form the image span), prefilled, optionally compressed with a randomly
-initialised CCM compressor (--compression-factor), then decoded as one batch; tokens/s is B over
+initialised CCM compressor (--compression-factor) or a press, then decoded as one batch; tokens/s is B over
 the median decode-step time (steps after --warmup-steps; a step that recompiles is an outlier).
-The fixed-budget case sizes a page pool for --budget-seqs uncompressed sequences and finds the
-largest batch that fits it with compression (checked: all of them decode together, no preemption).
+--variants names `baseline`, `ccm` or a press `NAME:RATIO`, each optionally `+int8` (int8 pages
+with float32 scales; a bare name takes --kv-cache-dtype). The fixed-budget case gives every variant the same pool
+bytes (--kv-cache-bytes, default: --budget-seqs uncompressed sequences in the model's dtype), so
+int8 buys more pages, and finds the largest batch that fits (checked: all of them decode
+together, no preemption).
 """
 
 import argparse
@@ -24,19 +27,24 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import kvjax
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from bench_decode import DTYPES, add_model_source, environment, model_dir_for
-from inference.engine import Engine
+from bench_serving import KV_CACHE_DTYPES, make_method, split_variant
+from inference.engine import Engine, pages_in
+from inference.paged_cache import PagedKVCache
 from inference.scheduler import Request
-from kvjax.compressor_checkpoint import compressor_for
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_source(p)
-    p.add_argument("--batch-sizes", default="1,32,64,128")
+    p.add_argument("--batch-sizes", default="1,32,64,128", help="comma list; empty: only the fixed-budget case")
+    p.add_argument("--variants", default="baseline,ccm,ccm+int8", help="comma list: baseline, ccm, NAME:RATIO (a press), each optionally +int8")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="pages of a variant without +int8 (auto: the model's dtype)")
     p.add_argument("--prompt-len", type=int, default=640)
     p.add_argument("--image-kv-len", type=int, default=576)
     p.add_argument("--decode-steps", type=int, default=64)
@@ -44,7 +52,9 @@ def parse_args(argv):
     p.add_argument("--compression-factor", type=int, default=5)
     p.add_argument("--min-seq-len", type=int, default=2)
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--budget-seqs", type=int, default=4, help="KV budget = this many uncompressed sequences (0: skip)")
+    p.add_argument("--budget-seqs", type=int, default=4,
+                   help="fixed budget = the bytes of this many uncompressed sequences in the model's dtype (0: skip)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="fixed budget in bytes (instead of --budget-seqs)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="plot tokens/s per batch size here (needs matplotlib)")
@@ -52,12 +62,13 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_decode(parts, compressor, batch, args, num_pages=None, prefill_batch=None) -> dict:
+def run_decode(parts, compressor, kv_dtype, batch, args, kv_cache_bytes=None, prefill_batch=None) -> dict:
     """B requests through the engine; median decode-step time once all of them decode together."""
     num_steps = args.warmup_steps + args.decode_steps
-    engine = Engine(parts, page_size=args.page_size, num_pages=num_pages, max_num_seqs=batch,
-                    max_model_len=args.prompt_len + num_steps + 1, prefill_batch_size=prefill_batch or min(batch, 8),
-                    compress_batch_size=min(batch, 8), decoding_batch_size=batch, eos_ids=())
+    engine = Engine(parts, page_size=args.page_size, kv_cache_bytes=kv_cache_bytes, kv_cache_dtype=kv_dtype,
+                    max_num_seqs=batch, max_model_len=args.prompt_len + num_steps + 1,
+                    prefill_batch_size=prefill_batch or min(batch, 8), compress_batch_size=min(batch, 8),
+                    decoding_batch_size=batch, eos_ids=())
     rng = np.random.default_rng(batch)
     vocab = parts.cfg.vocab_size
     image_len = min(args.image_kv_len, args.prompt_len)
@@ -75,41 +86,62 @@ def run_decode(parts, compressor, batch, args, num_pages=None, prefill_batch=Non
         engine.step()  # syncs on the sampled tokens
         step_s.append(time.perf_counter() - start)
     decode_s = statistics.median(step_s[args.warmup_steps:])
-    return {"batch": batch, "compressed": compressor is not None, "tokens_per_s": batch / decode_s,
-            "step_ms": 1e3 * decode_s, "kv_len": int(np.mean(kv_len)), "pages_in_use": used_pages,
-            "peak_pages": peak_pages, "page_bytes": engine.runner.cache.page_bytes(),
+    page_bytes = engine.runner.cache.page_bytes()
+    return {"batch": batch, "compressed": compressor is not None, "kv_cache_dtype": kv_dtype or "auto",
+            "tokens_per_s": batch / decode_s, "step_ms": 1e3 * decode_s, "kv_len": int(np.mean(kv_len)),
+            "pages_in_use": used_pages, "peak_pages": peak_pages, "num_pages": engine.allocator.num_pages,
+            "page_bytes": page_bytes, "pool_bytes": page_bytes * engine.allocator.num_pages,
             "all_decoded_together": engine.stats["max_running"] == batch,
             "preempted": sum(s.num_preempted for s in engine.finished)}
 
 
-def budget_case(parts, compressor, args, per_batch) -> dict:
-    """Largest batch within the pages of --budget-seqs uncompressed sequences, with and without CCM."""
+def budget_case(parts, variants, args, kv_lens) -> dict:
+    """Largest batch of each variant within the same pool bytes."""
+    cfg, dtype = parts.cfg, jax.tree.leaves(parts.state)[0].dtype
     pages = -(-(args.prompt_len + args.warmup_steps + args.decode_steps + 1) // args.page_size)
-    budget = args.budget_seqs * pages
-    compressed_len = per_batch[-1]["kv_len"] if per_batch else args.prompt_len // args.compression_factor
-    pages_c = -(-(compressed_len + args.warmup_steps + args.decode_steps + 1) // args.page_size)
-    # Prefill one at a time: each sequence is compressed before the next is admitted.
-    fit_c = (budget - pages) // pages_c + 1
-    base = run_decode(parts, None, args.budget_seqs, args, num_pages=budget, prefill_batch=1)
-    comp = run_decode(parts, compressor, fit_c, args, num_pages=budget, prefill_batch=1)
-    return {"budget_pages": budget, "baseline": base, "compressed": comp,
-            "batch_ratio": fit_c / args.budget_seqs, "throughput_ratio": comp["tokens_per_s"] / base["tokens_per_s"]}
+    shapes = jax.eval_shape(lambda: PagedKVCache.for_model(cfg, 1, args.page_size, 1, dtype))
+    budget = args.kv_cache_bytes or args.budget_seqs * pages * shapes.page_bytes()
+    rows = {}
+    for name, (compressor, kv_dtype) in variants.items():
+        ratio = getattr(compressor, "compression_ratio", 1 - 1 / args.compression_factor)  # a press, or CCM
+        kv_len = kv_lens.get(name, int(args.prompt_len * (1 - ratio)))  # measured by the sweep, else estimated
+        pages_c = -(-(kv_len + args.warmup_steps + args.decode_steps + 1) // args.page_size)
+        num_pages = pages_in(budget, None, cfg, args.page_size, dtype, kv_dtype)
+        # Prefill one at a time: each sequence is compressed before the next is admitted.
+        if num_pages < pages:
+            raise kvjax.KVJaxError(f"--kv-cache-bytes={budget} holds {num_pages} pages for variant {name}, "
+                                   f"fewer than one uncompressed sequence ({pages}); raise it")
+        fit = (num_pages - pages) // pages_c + 1 if compressor is not None else num_pages // pages
+        rows[name] = run_decode(parts, compressor, kv_dtype, fit, args, kv_cache_bytes=budget, prefill_batch=1)
+    ref = next(iter(rows.values()))
+    return {"kv_cache_bytes": budget, "seq_pages": pages, "variants": rows,
+            "batch_ratio": {n: r["batch"] / ref["batch"] for n, r in rows.items()},
+            "throughput_ratio": {n: r["tokens_per_s"] / ref["tokens_per_s"] for n, r in rows.items()}}
 
 
 def run(args, argv) -> dict:
-    batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())  # none: only the budget case
+    if any(b <= 0 for b in batch_sizes):
+        raise kvjax.KVJaxError(f"--batch-sizes must be > 0, got {args.batch_sizes}")
+    names = {v.strip(): split_variant(v.strip(), args.kv_cache_dtype) for v in args.variants.split(",") if v.strip()}
+    if not names:
+        raise kvjax.KVJaxError("--variants is empty; give e.g. baseline,ccm,ccm+int8")
     model_dir = model_dir_for(args)
     model, _, cfg = kvjax.load(model_dir, dtype=args.dtype, tokenizer=False)
     parts = kvjax.split(model)
-    compressor = compressor_for(cfg, compression_factor=args.compression_factor, min_seq_len=args.min_seq_len,
-                                dtype=args.dtype)  # random decoupled: speed does not depend on weights
+    methods, variants = {}, {}
+    for name, (method, kv_dtype) in names.items():
+        if method not in methods:  # one compressor for ccm and ccm+int8
+            methods[method] = make_method(method, cfg, args)
+        variants[name] = (methods[method], kv_dtype)
     results = []
     for batch in tqdm(batch_sizes, disable=args.quiet, desc="batch"):
-        base = run_decode(parts, None, batch, args)
-        comp = run_decode(parts, compressor, batch, args)
-        results.append({"batch": batch, "baseline": base, "compressed": comp,
-                        "speedup": comp["tokens_per_s"] / base["tokens_per_s"]})
-    budget = budget_case(parts, compressor, args, [r["compressed"] for r in results]) if args.budget_seqs else None
+        rows = {name: run_decode(parts, c, kv_dtype, batch, args) for name, (c, kv_dtype) in variants.items()}
+        ref = next(iter(rows.values()))
+        results.append({"batch": batch, "variants": rows,
+                        "speedup": {n: r["tokens_per_s"] / ref["tokens_per_s"] for n, r in rows.items()}})
+    kv_lens = {n: r["kv_len"] for n, r in results[-1]["variants"].items()} if results else {}
+    budget = budget_case(parts, variants, args, kv_lens) if args.budget_seqs or args.kv_cache_bytes else None
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "quiet")}
     model_info = {"family": cfg.family, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
                   "head_dim": cfg.head_dim, "hidden_size": cfg.hidden_size}
@@ -126,12 +158,22 @@ def plot(report, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batches = [r["batch"] for r in report["results"]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key in ("baseline", "compressed"):
-        ax.plot(batches, [r[key]["tokens_per_s"] for r in report["results"]], marker="o", label=key)
-    ax.set(xlabel="decode batch", ylabel="tokens/s", xscale="log", yscale="log")
-    ax.legend()
+    results, budget = report["results"], report["fixed_budget"]
+    fig, axes = plt.subplots(1, bool(results) + bool(budget), figsize=(5 * (bool(results) + bool(budget)), 3.5),
+                             squeeze=False)
+    axes = list(axes[0])
+    if results:
+        ax, batches = axes.pop(0), [r["batch"] for r in results]
+        for name in results[0]["variants"]:
+            ax.plot(batches, [r["variants"][name]["tokens_per_s"] for r in results], marker="o", label=name)
+        ax.set(xlabel="decode batch", ylabel="tokens/s", xscale="log", yscale="log", title="per batch size")
+        ax.legend()
+    if budget:
+        ax, names = axes.pop(0), list(budget["variants"])
+        rows = [budget["variants"][n] for n in names]
+        ax.bar(range(len(names)), [r["tokens_per_s"] for r in rows])
+        ax.set_xticks(range(len(names)), [f"{n}\nB={r['batch']}, {r['num_pages']} pages" for n, r in zip(names, rows)])
+        ax.set(ylabel="tokens/s", title=f"fixed KV budget, {budget['kv_cache_bytes']} bytes")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -142,20 +184,25 @@ def main(argv=None) -> int:
     try:
         if min(args.prompt_len, args.decode_steps, args.page_size) <= 0 or args.warmup_steps < 0:
             raise kvjax.KVJaxError("--prompt-len, --decode-steps, --page-size must be > 0, --warmup-steps >= 0")
+        if args.kv_cache_bytes is not None and args.kv_cache_bytes <= 0:
+            raise kvjax.KVJaxError(f"--kv-cache-bytes must be > 0, got {args.kv_cache_bytes}")
+        if not args.batch_sizes.strip() and not (args.budget_seqs or args.kv_cache_bytes):
+            raise kvjax.KVJaxError("nothing to run: give --batch-sizes, --budget-seqs or --kv-cache-bytes")
         report = run(args, argv)
     except (kvjax.KVJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'batch':>5}  {'base tok/s':>10}  {'comp tok/s':>10}  {'speedup':>7}  {'kv_len base/comp':>16}")
+    names = list(report["results"][0]["variants"]) if report["results"] else []
+    print(f"{'batch':>5}  " + "  ".join(f"{n + ' tok/s':>16}" for n in names) + "  kv_len")
     for r in report["results"]:
-        print(f"{r['batch']:>5}  {r['baseline']['tokens_per_s']:>10.1f}  {r['compressed']['tokens_per_s']:>10.1f}  "
-              f"{r['speedup']:>7.2f}  {r['baseline']['kv_len']:>8}/{r['compressed']['kv_len']}")
+        rows = r["variants"]
+        print(f"{r['batch']:>5}  " + "  ".join(f"{rows[n]['tokens_per_s']:>9.1f} (x{r['speedup'][n]:.2f})"
+                                             for n in names) + "  " + "/".join(str(rows[n]["kv_len"]) for n in names))
     if report["fixed_budget"]:
         b = report["fixed_budget"]
-        print(f"budget {b['budget_pages']} pages: baseline batch {b['baseline']['batch']} "
-              f"({b['baseline']['tokens_per_s']:.1f} tok/s), compressed batch {b['compressed']['batch']} "
-              f"({b['compressed']['tokens_per_s']:.1f} tok/s; all together: {b['compressed']['all_decoded_together']}); "
-              f"x{b['batch_ratio']:.2f} sequences, x{b['throughput_ratio']:.2f} throughput")
+        print(f"budget {b['kv_cache_bytes']} bytes: " + "; ".join(
+            f"{n} {r['num_pages']} pages, batch {r['batch']} at {r['tokens_per_s']:.1f} tok/s "
+            f"(together: {r['all_decoded_together']})" for n, r in b["variants"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.png:
