@@ -217,7 +217,7 @@ def plot(report, path) -> None:
     names = list(report["variants"])
     rows = [report["variants"][n] for n in names]
     x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     axes[0].bar(x, [r["tokens_per_s"] for r in rows])
     axes[0].set(ylabel="output tokens/s", title="throughput")
     for ax, key, title in ((axes[1], "ttft_s", "TTFT"), (axes[2], "tpot_s", "TPOT")):
@@ -226,7 +226,7 @@ def plot(report, path) -> None:
         ax.set(ylabel="ms", title=title)
         ax.legend()
     for ax in axes:
-        ax.set_xticks(x, names)
+        ax.set_xticks(x, names, rotation=30, ha="right")  # names such as ccm+int8 overlap flat
     fig.tight_layout()
     fig.savefig(path)
 

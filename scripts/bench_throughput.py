@@ -159,7 +159,7 @@ def plot(report, path) -> None:
     import matplotlib.pyplot as plt
 
     results, budget = report["results"], report["fixed_budget"]
-    fig, axes = plt.subplots(1, bool(results) + bool(budget), figsize=(5 * (bool(results) + bool(budget)), 3.5),
+    fig, axes = plt.subplots(1, bool(results) + bool(budget), figsize=(5 * (bool(results) + bool(budget)), 4),
                              squeeze=False)
     axes = list(axes[0])
     if results:
@@ -172,7 +172,8 @@ def plot(report, path) -> None:
         ax, names = axes.pop(0), list(budget["variants"])
         rows = [budget["variants"][n] for n in names]
         ax.bar(range(len(names)), [r["tokens_per_s"] for r in rows])
-        ax.set_xticks(range(len(names)), [f"{n}\nB={r['batch']}, {r['num_pages']} pages" for n, r in zip(names, rows)])
+        ax.set_xticks(range(len(names)), [f"{n}\nB={r['batch']}, {r['num_pages']} pages" for n, r in zip(names, rows)],
+                      rotation=30, ha="right", fontsize=8)
         ax.set(ylabel="tokens/s", title=f"fixed KV budget, {budget['kv_cache_bytes']} bytes")
     fig.tight_layout()
     fig.savefig(path)

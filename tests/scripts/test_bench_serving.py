@@ -1,6 +1,6 @@
-"""scripts/bench_serving.py end to end on a tiny random checkpoint (CPU), in process to share the
-imports: a few Poisson requests from a LLaVA-style JSON, baseline vs CCM on int8 pages in one
-byte-sized pool."""
+"""scripts/bench_serving.py on a tiny random checkpoint (CPU), in process to share the imports:
+end to end, baseline vs CCM on int8 pages in one byte-sized pool; the LLaVA reader, the Poisson
+arrivals and the flag errors on their own (no model)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_reports_serving_metrics_per_variant(tmp_path, monkeypatch, capsys):
                                "--image-kv-len", "24", "--compression-factor", "4", "--page-size", "8",
                                "--kv-cache-bytes", "65536", "--max-num-seqs", "4", "--prefill-batch-size", "4",
                                "--compress-batch-size", "4", "--decoding-batch-size", "4", "--no-warmup",
-                               "--json", "out.json", "--png", "out.png", "--quiet"])
+                               "--json", "out.json", "--quiet"])
     assert code == 0
     report = json.loads((tmp_path / "out.json").read_text())
     assert list(report["variants"]) == ["baseline", "ccm+int8"]
@@ -44,7 +44,7 @@ def test_reports_serving_metrics_per_variant(tmp_path, monkeypatch, capsys):
     assert base["mean_prompt_len"] == ccm["mean_prompt_len"] == 24
     assert base["mean_compressed_len"] is None and ccm["mean_compressed_len"] == 24 // 4
     assert ccm["pages_freed_by_compression"] > 0
-    assert report["environment"]["command"] and (tmp_path / "out.png").stat().st_size > 0
+    assert report["environment"]["command"]
     assert "TTFT" in capsys.readouterr().out
 
 

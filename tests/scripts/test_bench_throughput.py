@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
@@ -43,3 +45,21 @@ def test_empty_run_is_a_clean_error(tmp_path, monkeypatch, capsys):
 
     code = bench_throughput.main(["--model-dir", str(tmp_path), "--batch-sizes", "", "--budget-seqs", "0"])
     assert code == 2 and capsys.readouterr().err.startswith("error: nothing to run")
+
+
+def test_plots_name_every_variant(tmp_path, monkeypatch):
+    """Both scripts' PNGs from small hand-made reports (the end-to-end tests skip --png: matplotlib's
+    import would double their cost)."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_serving
+    import bench_throughput
+
+    row = {"tokens_per_s": 10.0, "batch": 2, "num_pages": 8}
+    bench_throughput.plot({"results": [{"batch": b, "variants": {"baseline": row, "ccm+int8": row}} for b in (1, 4)],
+                           "fixed_budget": {"kv_cache_bytes": 4096, "variants": {"baseline": row, "ccm+int8": row}}},
+                          tmp_path / "throughput.png")
+    latency = {"p50": 0.01, "p99": 0.02}
+    serving = dict(row, ttft_s=latency, tpot_s=latency)
+    bench_serving.plot({"variants": {"baseline": serving, "ccm+int8": serving}}, tmp_path / "serving.png")
+    assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "serving.png").stat().st_size > 0
