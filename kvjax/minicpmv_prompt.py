@@ -196,12 +196,11 @@ def build_minicpmv_prompts(model, tokenizer, conversations: Sequence, images: Se
     conversations: per row a question string or a message list; images: per row a
     MiniCPMVImage (`preprocess`) or None (text only). -> kvjax.multimodal.MultimodalPrompt.
     """
-    from kvjax.multimodal import MultimodalPrompt, as_conversation, embed_prompt, image_prefix_len, pack
+    from kvjax.multimodal import (MultimodalPrompt, as_conversation, check_one_image_entry_each, embed_prompt,
+                                  image_prefix_len, pack)
 
     cfg = model.cfg
-    if len(conversations) != len(images):
-        raise KVJaxError(f"{len(conversations)} conversations but {len(images)} image entries; "
-                         "give one (or None) per conversation")
+    check_one_image_entry_each(conversations, images)
     rows, masks = [], []
     for conv, image in zip(conversations, images):
         ids, mask = chat_ids(tokenizer, cfg, as_conversation(conv), image)

@@ -118,6 +118,13 @@ def as_conversation(item) -> list[dict]:
     return [{"role": "user", "content": item}] if isinstance(item, str) else list(item)
 
 
+def check_one_image_entry_each(conversations, images) -> None:
+    """A batch of prompts needs one image entry (or None) per conversation."""
+    if len(conversations) != len(images):
+        raise KVJaxError(f"{len(conversations)} conversations but {len(images)} image entries; "
+                         "give one (or None) per conversation")
+
+
 def build_llava_prompts(model, tokenizer, conversations: Sequence, pixel_values: Sequence,
                         *, length: int | None = None) -> MultimodalPrompt:
     """A batch of LLaVA prompts in one array.
@@ -127,9 +134,7 @@ def build_llava_prompts(model, tokenizer, conversations: Sequence, pixel_values:
     only). Each image fills `cfg.num_image_tokens` positions where its `<image>` was.
     """
     cfg = model.cfg
-    if len(conversations) != len(pixel_values):
-        raise KVJaxError(f"{len(conversations)} conversations but {len(pixel_values)} image entries; "
-                         "give one (or None) per conversation")
+    check_one_image_entry_each(conversations, pixel_values)
     rows, masks = [], []
     for conv, pixels in zip(conversations, pixel_values):
         has_image = pixels is not None

@@ -25,6 +25,13 @@ def kernel_mode(mode: str | None = None) -> str:
     return mode
 
 
+def choose_mode(op: str, mode: str | None, reason: str | None) -> str:
+    """kernel_mode(mode), except that shapes the Pallas kernel cannot take (`reason`, None if it
+    can) run the reference, with a one-time warning: what every dispatcher decides."""
+    mode = kernel_mode(mode)
+    return fall_back(op, reason) if mode != "reference" and reason else mode
+
+
 def fall_back(op: str, reason: str) -> str:
     """Warn once per (op, reason) that `op` runs its reference instead of Pallas; returns 'reference'."""
     if (op, reason) not in _warned:

@@ -1,7 +1,11 @@
-"""What the split-K decode kernels (dense `decode_attention`, `paged_attention`) share: the query
-grouping, the per-split outputs, and the log-sum-exp merge of the splits."""
+"""What the split-K decode kernels (dense `decode_attention`, `paged_attention`) share: the
+program body (`decode_split`: block walk, int8 dequantization, online softmax), the pallas_call
+around it (`split_call`: query grouping, per-split outputs, log-sum-exp merge), and the head_dim
+check. The two kernels differ only in how a block is located: a slot range, or a page."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +62,67 @@ def dequantize(values: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
     return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)
 
 
+def split_call(kernel, q, kv_len, extra, k, v, k_scales, v_scales, *, num_kv_heads: int, num_splits: int,
+               extra_specs, kv_spec, scale_spec, blocks, interpret: bool, name: str) -> jax.Array:
+    """Run a split-K decode kernel on grid (B, Hkv, splits) and merge the splits -> [B, Hq, D].
+
+    The kernel gets kv_len, *extra (e.g. the page table), the grouped queries, k, v, the float32
+    int8 scales if given (kernel(..., quantized=True)), then the outputs of `split_outputs`."""
+    batch, _, head_dim = q.shape
+    qg, rows = group_queries(q, num_kv_heads)
+    quantized = k_scales is not None
+    scales = (k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)) if quantized else ()
+    out_specs, out_shape = split_outputs(batch, num_kv_heads, num_splits, rows, head_dim)
+    o, m, l = pl.pallas_call(  # noqa: E741
+        functools.partial(kernel, num_splits=num_splits, scale=head_dim ** -0.5, quantized=quantized),
+        grid=(batch, num_kv_heads, num_splits),
+        in_specs=[pl.BlockSpec((None,), lambda b, h, s: (b,)), *extra_specs,
+                  pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+                  kv_spec, kv_spec, *[scale_spec] * len(scales)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name=name + ("_int8" if quantized else ""),
+    )(kv_len.astype(jnp.int32), *extra, qg, k, v, *scales)
+    return merge_splits(o, m, l, q)
+
+
 def split_blocks(num_blocks, num_splits: int):
     """[first, last) of the blocks this program (split = program_id 2) walks. Splits divide the
     *valid* blocks, so a short sequence still spreads over all its programs."""
     per_split = pl.cdiv(num_blocks, num_splits)
     first = pl.program_id(2) * per_split
     return first, jnp.minimum(first + per_split, num_blocks)
+
+
+def head_dim_reason(head_dim: int) -> str | None:
+    """Why a split-K kernel cannot take this head_dim (the tensor-core dot needs a power of two >= 16)."""
+    if not _compat.is_power_of_2(head_dim) or head_dim < MIN_DOT:
+        return f"head_dim {head_dim} is not a power of two >= {MIN_DOT}"
+    return None
+
+
+def decode_split(kv_len_ref, q_ref, k_ref, v_ref, refs, *, block: int, num_splits: int, scale: float,
+                 quantized: bool, locate) -> None:
+    """The body of one (sequence, KV head, split) program of both decode kernels: walk the split's
+    share of the blocks of `block` slots that hold [0, kv_len) and write its partial result.
+
+    refs: (k and v scale refs if quantized, int8 blocks are dequantized in registers), then the
+    outputs o [Hp, D], m, l [Hp] (float32). locate(i) -> the index of block i into k_ref / v_ref
+    and the scale refs (a slot range of a dense row, or a page looked up in the table)."""
+    scale_refs, (o_ref, m_ref, l_ref) = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
+    kv_len = kv_len_ref[()]
+    first, last = split_blocks(pl.cdiv(kv_len, block), num_splits)
+
+    def load_block(index):
+        at = locate(index)
+        valid = index * block + lax.broadcasted_iota(jnp.int32, (block,), 0) < kv_len  # only the last block is partial
+        k, v = (dequantize(ref[at], None if s is None else s[at], q_ref.dtype)
+                for ref, s in zip((k_ref, v_ref), scale_refs))
+        return k, v, valid
+
+    o_ref[...], m_ref[...], l_ref[...] = online_softmax(q_ref[...], first, last, load_block, scale)
 
 
 def online_softmax(q, first, last, load_block, scale: float):

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels._dispatch import fall_back, kernel_mode
+from pallas_kernels._dispatch import choose_mode
 from pallas_kernels.compact_kv import compact_kv_reference, compact_rows, load_rows
 
 
@@ -264,9 +264,7 @@ def _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, blocks: CCMBl
 def ccm_compress(k, v, kv_len, image_len, weights: CCMWeights, *, cf: int, min_seq_len: int,
                  mode: str | None = None):
     """Dispatcher (inference: no dropout): Pallas on GPU, the reference on CPU."""
-    mode = kernel_mode(mode)
-    if mode != "reference" and unsupported_reason(k.shape):
-        mode = fall_back("ccm_compress", unsupported_reason(k.shape))
+    mode = choose_mode("ccm_compress", mode, unsupported_reason(k.shape))
     if mode == "reference":
         return ccm_compress_reference(k, v, kv_len, image_len, weights, cf=cf, min_seq_len=min_seq_len)
     return ccm_compress_pallas(k, v, kv_len, image_len, weights, cf=cf, min_seq_len=min_seq_len,

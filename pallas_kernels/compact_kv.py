@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels._dispatch import fall_back, kernel_mode
+from pallas_kernels._dispatch import choose_mode
 
 
 def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
@@ -214,9 +214,7 @@ def _compact_kv_pallas(k, v, src, new_len, new_k, new_v, blocks: CompactBlocks, 
 def compact_kv(k, v, src, new_len, new_k=None, new_v=None, *, mode: str | None = None):
     """Dispatcher: Pallas on GPU, the reference (as its in-place chunk loop) on CPU; `mode` or
     $KVJAX_KERNELS overrides."""
-    mode = kernel_mode(mode)
-    if mode != "reference" and unsupported_reason(k.shape[-1]):
-        mode = fall_back("compact_kv", unsupported_reason(k.shape[-1]))
+    mode = choose_mode("compact_kv", mode, unsupported_reason(k.shape[-1]))
     if mode == "reference":
         return compact_kv_chunked(k, v, src, new_len, new_k, new_v)
     return compact_kv_pallas(k, v, src, new_len, new_k, new_v, interpret=mode == "interpret")

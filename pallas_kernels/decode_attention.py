@@ -17,13 +17,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels._dispatch import fall_back, kernel_mode
-from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, dequantize, group_queries,
-                                    merge_splits, online_softmax, split_blocks, split_outputs)
+from pallas_kernels._dispatch import choose_mode
+from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, decode_split, dequantize,
+                                    head_dim_reason, split_call)
 
 
 
@@ -68,34 +67,18 @@ class DecodeAttentionBlocks:
 def unsupported_reason(q_shape, k_shape) -> str | None:
     """Why the Pallas kernel cannot take these shapes (the dispatcher then uses the reference)."""
     head_dim, max_len = q_shape[-1], k_shape[-2]
-    if not _compat.is_power_of_2(head_dim) or head_dim < MIN_DOT:
-        return f"head_dim {head_dim} is not a power of two >= {MIN_DOT}"
+    if reason := head_dim_reason(head_dim):
+        return reason
     if _compat.largest_power_of_2_dividing(max_len, 1 << 30) < MIN_DOT:
         return f"max_len {max_len} is not a multiple of {MIN_DOT}"
     return None
 
 
 def _decode_kernel(kv_len_ref, q_ref, k_ref, v_ref, *refs, block_k, num_splits, scale, quantized):
-    """One (sequence, KV head, split): all of the head's query rows over the split's share of blocks.
-
-    kv_len_ref []; q_ref [Hp, D]; k_ref, v_ref [S, D]; refs: (ks_ref, vs_ref [S] float32 scales if
-    quantized), o_ref [Hp, D] f32 (unnormalised), m_ref, l_ref [Hp] f32 (running max and softmax
-    denominator, for the combine across splits)."""
-    scale_refs, (o_ref, m_ref, l_ref) = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
-    kv_len = kv_len_ref[()]
-    first, last = split_blocks(pl.cdiv(kv_len, block_k), num_splits)
-
-    def load_block(block):
-        start = pl.multiple_of(block * block_k, block_k)
-        valid = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < kv_len  # only the last block is partial
-        k, v = (dequantize(ref[pl.ds(start, block_k), :], None if s is None else s[pl.ds(start, block_k)],
-                           q_ref.dtype) for ref, s in zip((k_ref, v_ref), scale_refs))
-        return k, v, valid
-
-    o, m, l = online_softmax(q_ref[...], first, last, load_block, scale)  # noqa: E741
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    """One (sequence, KV head, split) over the split's share of the blocks of block_k slots.
+    q_ref [Hp, D]; k_ref, v_ref [S, D]; refs: (scales [S] if quantized), o [Hp, D], m, l [Hp]."""
+    decode_split(kv_len_ref, q_ref, k_ref, v_ref, refs, block=block_k, num_splits=num_splits, scale=scale,
+                 quantized=quantized, locate=lambda i: pl.ds(pl.multiple_of(i * block_k, block_k), block_k))
 
 
 def decode_attention_pallas(
@@ -135,49 +118,22 @@ def _decode_attention_pallas(q, k, v, kv_len, k_scales, v_scales, layer, blocks:
     num_splits = blocks.num_splits or min(max_len // block_k, 16,
                                           pl.cdiv(TARGET_PROGRAMS, batch * num_kv_heads))
     num_splits = max(1, min(num_splits, max_len // block_k))
-    qg, rows = group_queries(q, num_kv_heads)
-
-    grid = (batch, num_kv_heads, num_splits)
-    quantized = k_scales is not None
     if layer is None:
         kv_spec = pl.BlockSpec((None, None, max_len, head_dim), lambda b, h, s: (b, h, 0, 0))
         scale_spec = pl.BlockSpec((None, None, max_len), lambda b, h, s: (b, h, 0))
     else:
         kv_spec = pl.BlockSpec((None, None, None, max_len, head_dim), lambda b, h, s: (layer, b, h, 0, 0))
         scale_spec = pl.BlockSpec((None, None, None, max_len), lambda b, h, s: (layer, b, h, 0))
-    out_specs, out_shape = split_outputs(batch, num_kv_heads, num_splits, rows, head_dim)
-    kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
-                               scale=head_dim ** -0.5, quantized=quantized)
-    scales = (k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)) if quantized else ()
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=[
-            pl.BlockSpec((None,), lambda b, h, s: (b,)),
-            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            kv_spec,
-            kv_spec,
-            *[scale_spec] * len(scales),
-        ],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-        interpret=interpret,
-        name="kvjax_decode_attention_int8" if quantized else "kvjax_decode_attention",
-    )(kv_len.astype(jnp.int32), qg, k, v, *scales)
-
-    return merge_splits(o, m, l, q)
+    return split_call(functools.partial(_decode_kernel, block_k=block_k), q, kv_len, (), k, v, k_scales, v_scales,
+                      num_kv_heads=num_kv_heads, num_splits=num_splits, extra_specs=(), kv_spec=kv_spec,
+                      scale_spec=scale_spec, blocks=blocks, interpret=interpret, name="kvjax_decode_attention")
 
 
 def decode_attention(q, k, v, kv_len, layer: int | None = None, k_scales=None, v_scales=None, *,
                      mode: str | None = None):
     """Dispatcher: Pallas on GPU, the reference on CPU; `mode` or $KVJAX_KERNELS overrides, and
     shapes the kernel cannot take use the reference with a one-time warning."""
-    mode = kernel_mode(mode)
-    if mode != "reference":
-        reason = unsupported_reason(q.shape, k.shape)
-        if reason:
-            mode = fall_back("decode_attention", reason)
+    mode = choose_mode("decode_attention", mode, unsupported_reason(q.shape, k.shape))
     if mode == "reference":
         return decode_attention_reference(q, k, v, kv_len, layer, k_scales, v_scales)
     return decode_attention_pallas(q, k, v, kv_len, layer, k_scales, v_scales, interpret=mode == "interpret")

@@ -21,14 +21,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels._dispatch import fall_back, kernel_mode
+from pallas_kernels._dispatch import choose_mode
 from pallas_kernels.decode_attention import decode_attention_reference
-from pallas_kernels._splitk import (MIN_DOT, TARGET_PROGRAMS, dequantize, group_queries, merge_splits,
-                                    online_softmax, split_blocks, split_outputs)
+from pallas_kernels._splitk import MIN_DOT, TARGET_PROGRAMS, decode_split, head_dim_reason, split_call
 
 
 
@@ -112,37 +110,19 @@ class PagedAttentionBlocks:
 def unsupported_reason(q_shape, pages_shape) -> str | None:
     """Why the Pallas kernel cannot take these shapes (the dispatcher then uses the reference)."""
     head_dim, page_size = q_shape[-1], pages_shape[-2]
-    if not _compat.is_power_of_2(head_dim) or head_dim < MIN_DOT:
-        return f"head_dim {head_dim} is not a power of two >= {MIN_DOT}"
+    if reason := head_dim_reason(head_dim):
+        return reason
     if not _compat.is_power_of_2(page_size) or page_size < MIN_DOT:
         return f"page_size {page_size} is not a power of two >= {MIN_DOT}"
     return None
 
 
 def _paged_kernel(kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, num_splits, scale, quantized):
-    """One (sequence, KV head, split): all of the head's query rows over the split's share of the
-    sequence's valid pages, each page found through the table row.
-
-    kv_len_ref []; table_ref [W]; q_ref [Hp, D]; k_ref, v_ref [P, page_size, D] (this KV head of the
-    whole pool); refs: (ks_ref, vs_ref [P, page_size] scales if quantized), o_ref [Hp, D] f32
-    (unnormalised), m_ref, l_ref [Hp] f32 (for the split combine)."""
-    scale_refs, (o_ref, m_ref, l_ref) = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
-    kv_len = kv_len_ref[()]
-    page_size = k_ref.shape[-2]
-    # Only the pages holding slots [0, kv_len) are read.
-    first, last = split_blocks(pl.cdiv(kv_len, page_size), num_splits)
-
-    def load_block(index):
-        page = table_ref[index]
-        valid = index * page_size + lax.broadcasted_iota(jnp.int32, (page_size,), 0) < kv_len  # last page: partial
-        k, v = (dequantize(ref[page, :, :], None if s is None else s[page, :], q_ref.dtype)
-                for ref, s in zip((k_ref, v_ref), scale_refs))
-        return k, v, valid
-
-    o, m, l = online_softmax(q_ref[...], first, last, load_block, scale)  # noqa: E741
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    """One (sequence, KV head, split) over the split's share of the sequence's valid pages, each found
+    through the table row [W]. q_ref [Hp, D]; k_ref, v_ref [P, page_size, D] (this KV head of the
+    whole pool); refs: (scales [P, page_size] if quantized), o [Hp, D], m, l [Hp]."""
+    decode_split(kv_len_ref, q_ref, k_ref, v_ref, refs, block=k_ref.shape[-2], num_splits=num_splits, scale=scale,
+                 quantized=quantized, locate=lambda i: table_ref[i])
 
 
 def paged_attention_pallas(
@@ -182,10 +162,6 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, k_scales, v
     _compat.quiet_triton_deprecation()
     num_splits = blocks.num_splits or min(width, 16, pl.cdiv(TARGET_PROGRAMS, batch * num_kv_heads))
     num_splits = max(1, min(num_splits, width))
-    qg, rows = group_queries(q, num_kv_heads)
-
-    grid = (batch, num_kv_heads, num_splits)
-    quantized = k_scales is not None
     if layer is None:  # the program sees its KV head of every page: [P, page_size, D]
         pool_spec = pl.BlockSpec((num_pages, None, page_size, head_dim), lambda b, h, s: (0, h, 0, 0))
         scale_spec = pl.BlockSpec((num_pages, None, page_size), lambda b, h, s: (0, h, 0))
@@ -193,39 +169,17 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, k_scales, v
         pool_spec = pl.BlockSpec((None, num_pages, None, page_size, head_dim),
                                  lambda b, h, s: (layer, 0, h, 0, 0))
         scale_spec = pl.BlockSpec((None, num_pages, None, page_size), lambda b, h, s: (layer, 0, h, 0))
-    out_specs, out_shape = split_outputs(batch, num_kv_heads, num_splits, rows, head_dim)
-    kernel = functools.partial(_paged_kernel, num_splits=num_splits, scale=head_dim ** -0.5, quantized=quantized)
-    scales = (k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)) if quantized else ()
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=[
-            pl.BlockSpec((None,), lambda b, h, s: (b,)),
-            pl.BlockSpec((None, width), lambda b, h, s: (b, 0)),
-            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pool_spec,
-            pool_spec,
-            *[scale_spec] * len(scales),
-        ],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=_compat.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-        interpret=interpret,
-        name="kvjax_paged_attention_int8" if quantized else "kvjax_paged_attention",
-    )(kv_len.astype(jnp.int32), page_table.astype(jnp.int32), qg, k_pages, v_pages, *scales)
-
-    return merge_splits(o, m, l, q)
+    table_spec = pl.BlockSpec((None, width), lambda b, h, s: (b, 0))
+    return split_call(_paged_kernel, q, kv_len, (page_table.astype(jnp.int32),), k_pages, v_pages, k_scales, v_scales,
+                      num_kv_heads=num_kv_heads, num_splits=num_splits, extra_specs=(table_spec,), kv_spec=pool_spec,
+                      scale_spec=scale_spec, blocks=blocks, interpret=interpret, name="kvjax_paged_attention")
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_len, layer: int | None = None, k_scales=None,
                     v_scales=None, *, mode: str | None = None):
     """Dispatcher: Pallas on GPU, the reference on CPU; `mode` or $KVJAX_KERNELS overrides, and
     shapes the kernel cannot take use the reference with a one-time warning."""
-    mode = kernel_mode(mode)
-    if mode != "reference":
-        reason = unsupported_reason(q.shape, k_pages.shape)
-        if reason:
-            mode = fall_back("paged_attention", reason)
+    mode = choose_mode("paged_attention", mode, unsupported_reason(q.shape, k_pages.shape))
     if mode == "reference":
         return paged_attention_reference(q, k_pages, v_pages, page_table, kv_len, layer, k_scales, v_scales)
     return paged_attention_pallas(q, k_pages, v_pages, page_table, kv_len, layer, k_scales, v_scales,

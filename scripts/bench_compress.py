@@ -10,24 +10,19 @@ Weights are random: times and byte counts do not depend on their values.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-try:
-    import kvjax
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import kvjax
+# bench_common first: it makes a source checkout importable.
+from bench_common import DTYPES, add_model_source, bench_main, model_dir_for, report_head
 
 import jax
 import jax.numpy as jnp
+import kvjax
 import numpy as np
 from tqdm import tqdm
 
-from bench_decode import DTYPES, add_model_source, environment, model_dir_for
 from kvjax.compressors import CompressorConfig, build_compressor
 
 
@@ -82,6 +77,8 @@ def bench_batch(parts, cfg, compressor, batch, args) -> dict:
 
 
 def run(args, argv) -> dict:
+    if args.prompt_len <= 0 or args.repeats <= 0 or args.image_len < 0:
+        raise kvjax.KVJaxError("--prompt-len and --repeats must be > 0, --image-len >= 0")
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     model_dir = model_dir_for(args)
     model, _, cfg = kvjax.load(model_dir, dtype=args.dtype, tokenizer=False)
@@ -93,32 +90,19 @@ def run(args, argv) -> dict:
     results = []
     for batch in tqdm(batch_sizes, disable=args.quiet, desc="batch"):
         results.append(bench_batch(parts, cfg, compressor, batch, args))
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "quiet")}
-    model_info = {"family": cfg.family, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
-                  "head_dim": cfg.head_dim, "hidden_size": cfg.hidden_size}
-    return {"settings": dict(settings, model_dir=str(model_dir)), "model": model_info,
-            "environment": environment(argv), "results": results}
+    return {**report_head(args, argv, cfg, model_dir), "results": results}
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        if args.prompt_len <= 0 or args.repeats <= 0 or args.image_len < 0:
-            raise kvjax.KVJaxError("--prompt-len and --repeats must be > 0, --image-len >= 0")
-        report = run(args, argv)
-    except (kvjax.KVJaxError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def summarize(report) -> None:
     print(f"{'batch':>5}  {'prefill ms':>10}  {'compress ms':>11}  {'% of prefill':>12}  {'KV MB before':>12}  "
           f"{'KV MB after':>11}  {'ratio':>6}")
     for r in report["results"]:
         print(f"{r['batch']:>5}  {r['prefill_ms']:>10.1f}  {r['compress_ms']:>11.2f}  "
               f"{100 * r['compress_over_prefill']:>11.2f}%  {r['kv_bytes_before'] / 1e6:>12.1f}  "
               f"{r['kv_bytes_after'] / 1e6:>11.1f}  {r['bytes_ratio']:>5.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+
+
+main = bench_main(parse_args, run, summarize)
 
 
 if __name__ == "__main__":

@@ -12,26 +12,18 @@ whole process with `taskset -c ...`. torch runs on CUDA when torch sees a GPU.
 """
 
 import argparse
-import datetime
-import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
-try:
-    import kvjax  # installed, e.g. `pip install -e .`
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import kvjax
+# bench_common first: it makes a source checkout importable.
+from bench_common import DTYPES, add_model_source, environment, model_dir_for, write_outputs
 
 import jax
 import jax.numpy as jnp
+import kvjax
 import numpy as np
 from tqdm import tqdm
 
@@ -39,16 +31,6 @@ from kvjax import demo
 from kvjax.loading import hf_config, read_config_json
 
 BACKENDS = ("kvjax", "torch")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def add_model_source(p, what="a Hugging Face Llama/Qwen2/Qwen3 directory", presets=demo.LIKE_PRESETS) -> None:
-    """--model-dir or --like PRESET (random weights written once into --work-dir): every benchmark's."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", help=what)
-    src.add_argument("--like", help=f"random weights shaped like: {', '.join(presets)}")
-    home = Path(os.environ.get("KVJAX_HOME") or Path.home() / ".cache" / "kvjax")
-    p.add_argument("--work-dir", default=str(home / "bench"), help="where --like weights are kept")
 
 
 def parse_args(argv):
@@ -86,19 +68,6 @@ def check_args(args) -> None:
             raise kvjax.KVJaxError(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(valid)}")
     if "torch" in args.backends and importlib.util.find_spec("torch") is None:
         raise kvjax.KVJaxError("the torch backend needs torch: pip install torch, or pass --backends kvjax")
-
-
-def model_dir_for(args) -> Path:
-    """--model-dir as given, or random --like weights written once into --work-dir."""
-    if args.model_dir:
-        return Path(args.model_dir).expanduser()
-    if args.like not in demo.LIKE_PRESETS:
-        raise kvjax.KVJaxError(f"--like: unknown {args.like}; choose from {', '.join(demo.LIKE_PRESETS)}")
-    path = Path(args.work_dir).expanduser() / f"{args.like}-{args.dtype}"
-    if not (path / "config.json").exists():
-        print(f"writing random {args.like} weights to {path} (once)", file=sys.stderr)
-        demo.write_checkpoint(path, like=args.like, dtype=args.dtype)
-    return path
 
 
 def decode(step, carry, num_steps: int, sync):
@@ -188,32 +157,6 @@ def run_torch(model_dir, args, prompts, bar) -> list[dict]:
     return [dict(r, **extra) for r in results]
 
 
-def cpu_model() -> str | None:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else (platform.processor() or None)
-
-
-def environment(argv) -> dict:
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    device = jax.devices()[0]
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([sys.executable, sys.argv[0], *argv]),
-            "jax_platform": device.platform, "jax_device_kind": device.device_kind,
-            "num_jax_devices": jax.device_count(), "cpu_model": cpu_model(),
-            "num_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": platform.python_version(),
-            "versions": {p: version(p) for p in ("jax", "jaxlib", "flax", "torch", "transformers", "kvjax")}}
-
-
 def roofline(results, hbm_gbps: float) -> dict | None:
     """GPU only: a bs=1 step reads each weight once, so ms/step >= weights read / HBM bandwidth."""
     row = next((r for r in results if r["backend"] == "kvjax" and r["batch"] == 1), None)
@@ -270,8 +213,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_report(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_outputs(report, args)
     return 0
 
 

@@ -26,11 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import pallas_kernels  # noqa: F401  (installed, e.g. `pip install -e .`)
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import bench_common  # noqa: F401  (first: it makes a source checkout importable)
 import jax
 import jax.numpy as jnp
 import numpy as np

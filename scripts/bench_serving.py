@@ -23,16 +23,13 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    import kvjax
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import kvjax
+# bench_common first: it makes a source checkout importable.
+from bench_common import DTYPES, add_model_source, bench_main, model_dir_for, pyplot, report_head, save
 
+import kvjax
 import numpy as np
 from tqdm import tqdm
 
-from bench_decode import DTYPES, add_model_source, environment, model_dir_for
 from inference.engine import Engine
 from inference.scheduler import Request
 from kvjax.compressor_checkpoint import compressor_for
@@ -48,17 +45,12 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--req-per-sec", type=float, default=4.0, help="Poisson arrival rate; 0 = all at t=0")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--variants", default="baseline,ccm,ccm+int8",
-                   help="comma list: baseline, ccm, NAME:RATIO (a press), each optionally +int8")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="pages of a variant without +int8 (auto: the model's dtype)")
+    add_variant_flags(p, "page pool in bytes, scales counted (not with --num-pages): int8 variants get more pages")
     p.add_argument("--image-kv-len", type=int, default=576, help="CCM image span (cut to each prompt)")
     p.add_argument("--compression-factor", type=int, default=5)
     p.add_argument("--min-seq-len", type=int, default=2)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None, help="page pool (default: max-num-seqs full sequences)")
-    p.add_argument("--kv-cache-bytes", type=int, default=None, help="page pool in bytes, scales counted (not with "
-                   "--num-pages): int8 variants get more pages")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--prefill-batch-size", type=int, default=4)
     p.add_argument("--compress-batch-size", type=int, default=8)
@@ -112,6 +104,25 @@ def build_prompts(args, tokenizer, vocab_size: int, rng) -> list[list[int]]:
 
 
 KV_CACHE_DTYPES = ("auto", "int8")
+
+
+def add_variant_flags(p, bytes_help: str) -> None:
+    """--variants, --kv-cache-dtype and --kv-cache-bytes, as the engine benchmarks share them."""
+    p.add_argument("--variants", default="baseline,ccm,ccm+int8",
+                   help="comma list: baseline, ccm, NAME:RATIO (a press), each optionally +int8")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="pages of a variant without +int8 (auto: the model's dtype)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help=bytes_help)
+
+
+def parse_variants(args) -> dict:
+    """--variants -> {name: (method name, page dtype or None)}; also checks --kv-cache-bytes."""
+    if args.kv_cache_bytes is not None and args.kv_cache_bytes <= 0:
+        raise kvjax.KVJaxError(f"--kv-cache-bytes must be > 0, got {args.kv_cache_bytes}")
+    names = {v.strip(): split_variant(v.strip(), args.kv_cache_dtype) for v in args.variants.split(",") if v.strip()}
+    if not names:
+        raise kvjax.KVJaxError("--variants is empty; give e.g. baseline,ccm,ccm+int8")
+    return names
 
 
 def split_variant(name: str, kv_cache_dtype: str):
@@ -182,9 +193,14 @@ def arrival_times(req_per_sec: float, num: int, rng) -> np.ndarray:
 
 
 def run(args, argv) -> dict:
-    names = {v.strip(): split_variant(v.strip(), args.kv_cache_dtype) for v in args.variants.split(",") if v.strip()}
-    if not names:
-        raise kvjax.KVJaxError("--variants is empty; give e.g. baseline,ccm,ccm+int8")
+    if min(args.num_samples, args.max_new_tokens, args.page_size, args.context_len, args.max_prompt_len) <= 0:
+        raise kvjax.KVJaxError("--num-samples, --max-new-tokens, --page-size, --context-len and "
+                               "--max-prompt-len must be > 0")
+    if args.kv_cache_bytes is not None and args.num_pages is not None:
+        raise kvjax.KVJaxError("--num-pages and --kv-cache-bytes both size the pool; give one")
+    if args.req_per_sec < 0:
+        raise kvjax.KVJaxError(f"--req-per-sec must be >= 0, got {args.req_per_sec}")
+    names = parse_variants(args)
     model_dir = model_dir_for(args)
     model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype)
     parts = kvjax.split(model)
@@ -198,22 +214,12 @@ def run(args, argv) -> dict:
             serve(parts, tokenizer, prompts, np.zeros(len(prompts)), method, kv_dtype, args)
         with tqdm(total=len(prompts), disable=args.quiet, desc=name) as bar:
             variants[name] = serve(parts, tokenizer, prompts, arrivals, method, kv_dtype, args, progress=bar.update)
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "quiet")}
-    model_info = {"family": cfg.family, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
-                  "head_dim": cfg.head_dim, "hidden_size": cfg.hidden_size}
-    return {"settings": dict(settings, model_dir=str(model_dir)), "model": model_info,
-            "environment": environment(argv), "arrivals_s": arrivals.tolist(), "variants": variants}
+    return {**report_head(args, argv, cfg, model_dir), "arrivals_s": arrivals.tolist(), "variants": variants}
 
 
 def plot(report, path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("--png: matplotlib is not installed; skipped", file=sys.stderr)
+    if (plt := pyplot()) is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(report["variants"])
     rows = [report["variants"][n] for n in names]
     x = np.arange(len(names))
@@ -227,27 +233,10 @@ def plot(report, path) -> None:
         ax.legend()
     for ax in axes:
         ax.set_xticks(x, names, rotation=30, ha="right")  # names such as ccm+int8 overlap flat
-    fig.tight_layout()
-    fig.savefig(path)
+    save(fig, path)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        if min(args.num_samples, args.max_new_tokens, args.page_size, args.context_len, args.max_prompt_len) <= 0:
-            raise kvjax.KVJaxError("--num-samples, --max-new-tokens, --page-size, --context-len and "
-                                   "--max-prompt-len must be > 0")
-        if args.kv_cache_bytes is not None and args.kv_cache_bytes <= 0:
-            raise kvjax.KVJaxError(f"--kv-cache-bytes must be > 0, got {args.kv_cache_bytes}")
-        if args.kv_cache_bytes is not None and args.num_pages is not None:
-            raise kvjax.KVJaxError("--num-pages and --kv-cache-bytes both size the pool; give one")
-        if args.req_per_sec < 0:
-            raise kvjax.KVJaxError(f"--req-per-sec must be >= 0, got {args.req_per_sec}")
-        report = run(args, argv)
-    except (kvjax.KVJaxError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def summarize(report) -> None:
     print(f"{'variant':>12}  {'tok/s':>8}  {'TTFT p50/p99 ms':>17}  {'TPOT p50/p99 ms':>17}  {'peak/pages':>10}  "
           f"{'max seqs':>8}")
     for name, r in report["variants"].items():
@@ -255,11 +244,9 @@ def main(argv=None) -> int:
               f"{1e3 * r['tpot_s']['p50']:>8.2f}/{1e3 * r['tpot_s']['p99']:<8.2f}  "
               f"{str(r['peak_pages']) + '/' + str(r['num_pages']):>10}  "
               f"{r['max_concurrent_seqs']:>8}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    if args.png:
-        plot(report, args.png)
-    return 0
+
+
+main = bench_main(parse_args, run, summarize, plot)
 
 
 if __name__ == "__main__":

@@ -15,24 +15,19 @@ together, no preemption).
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-try:
-    import kvjax
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import kvjax
+# bench_common first: it makes a source checkout importable.
+from bench_common import DTYPES, add_model_source, bench_main, model_dir_for, pyplot, report_head, save
 
 import jax
+import kvjax
 import numpy as np
 from tqdm import tqdm
 
-from bench_decode import DTYPES, add_model_source, environment, model_dir_for
-from bench_serving import KV_CACHE_DTYPES, make_method, split_variant
+from bench_serving import add_variant_flags, make_method, parse_variants
 from inference.engine import Engine, pages_in
 from inference.paged_cache import PagedKVCache
 from inference.scheduler import Request
@@ -42,9 +37,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_source(p)
     p.add_argument("--batch-sizes", default="1,32,64,128", help="comma list; empty: only the fixed-budget case")
-    p.add_argument("--variants", default="baseline,ccm,ccm+int8", help="comma list: baseline, ccm, NAME:RATIO (a press), each optionally +int8")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="pages of a variant without +int8 (auto: the model's dtype)")
+    add_variant_flags(p, "fixed budget in bytes (instead of --budget-seqs)")
     p.add_argument("--prompt-len", type=int, default=640)
     p.add_argument("--image-kv-len", type=int, default=576)
     p.add_argument("--decode-steps", type=int, default=64)
@@ -54,7 +47,6 @@ def parse_args(argv):
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--budget-seqs", type=int, default=4,
                    help="fixed budget = the bytes of this many uncompressed sequences in the model's dtype (0: skip)")
-    p.add_argument("--kv-cache-bytes", type=int, default=None, help="fixed budget in bytes (instead of --budget-seqs)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="plot tokens/s per batch size here (needs matplotlib)")
@@ -120,12 +112,14 @@ def budget_case(parts, variants, args, kv_lens) -> dict:
 
 
 def run(args, argv) -> dict:
+    if min(args.prompt_len, args.decode_steps, args.page_size) <= 0 or args.warmup_steps < 0:
+        raise kvjax.KVJaxError("--prompt-len, --decode-steps, --page-size must be > 0, --warmup-steps >= 0")
+    if not args.batch_sizes.strip() and not (args.budget_seqs or args.kv_cache_bytes):
+        raise kvjax.KVJaxError("nothing to run: give --batch-sizes, --budget-seqs or --kv-cache-bytes")
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())  # none: only the budget case
     if any(b <= 0 for b in batch_sizes):
         raise kvjax.KVJaxError(f"--batch-sizes must be > 0, got {args.batch_sizes}")
-    names = {v.strip(): split_variant(v.strip(), args.kv_cache_dtype) for v in args.variants.split(",") if v.strip()}
-    if not names:
-        raise kvjax.KVJaxError("--variants is empty; give e.g. baseline,ccm,ccm+int8")
+    names = parse_variants(args)
     model_dir = model_dir_for(args)
     model, _, cfg = kvjax.load(model_dir, dtype=args.dtype, tokenizer=False)
     parts = kvjax.split(model)
@@ -142,22 +136,12 @@ def run(args, argv) -> dict:
                         "speedup": {n: r["tokens_per_s"] / ref["tokens_per_s"] for n, r in rows.items()}})
     kv_lens = {n: r["kv_len"] for n, r in results[-1]["variants"].items()} if results else {}
     budget = budget_case(parts, variants, args, kv_lens) if args.budget_seqs or args.kv_cache_bytes else None
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "quiet")}
-    model_info = {"family": cfg.family, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
-                  "head_dim": cfg.head_dim, "hidden_size": cfg.hidden_size}
-    return {"settings": dict(settings, model_dir=str(model_dir)), "model": model_info,
-            "environment": environment(argv), "results": results, "fixed_budget": budget}
+    return {**report_head(args, argv, cfg, model_dir), "results": results, "fixed_budget": budget}
 
 
 def plot(report, path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("--png: matplotlib is not installed; skipped", file=sys.stderr)
+    if (plt := pyplot()) is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results, budget = report["results"], report["fixed_budget"]
     fig, axes = plt.subplots(1, bool(results) + bool(budget), figsize=(5 * (bool(results) + bool(budget)), 4),
                              squeeze=False)
@@ -175,24 +159,10 @@ def plot(report, path) -> None:
         ax.set_xticks(range(len(names)), [f"{n}\nB={r['batch']}, {r['num_pages']} pages" for n, r in zip(names, rows)],
                       rotation=30, ha="right", fontsize=8)
         ax.set(ylabel="tokens/s", title=f"fixed KV budget, {budget['kv_cache_bytes']} bytes")
-    fig.tight_layout()
-    fig.savefig(path)
+    save(fig, path)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        if min(args.prompt_len, args.decode_steps, args.page_size) <= 0 or args.warmup_steps < 0:
-            raise kvjax.KVJaxError("--prompt-len, --decode-steps, --page-size must be > 0, --warmup-steps >= 0")
-        if args.kv_cache_bytes is not None and args.kv_cache_bytes <= 0:
-            raise kvjax.KVJaxError(f"--kv-cache-bytes must be > 0, got {args.kv_cache_bytes}")
-        if not args.batch_sizes.strip() and not (args.budget_seqs or args.kv_cache_bytes):
-            raise kvjax.KVJaxError("nothing to run: give --batch-sizes, --budget-seqs or --kv-cache-bytes")
-        report = run(args, argv)
-    except (kvjax.KVJaxError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def summarize(report) -> None:
     names = list(report["results"][0]["variants"]) if report["results"] else []
     print(f"{'batch':>5}  " + "  ".join(f"{n + ' tok/s':>16}" for n in names) + "  kv_len")
     for r in report["results"]:
@@ -204,11 +174,9 @@ def main(argv=None) -> int:
         print(f"budget {b['kv_cache_bytes']} bytes: " + "; ".join(
             f"{n} {r['num_pages']} pages, batch {r['batch']} at {r['tokens_per_s']:.1f} tok/s "
             f"(together: {r['all_decoded_together']})" for n, r in b["variants"].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    if args.png:
-        plot(report, args.png)
-    return 0
+
+
+main = bench_main(parse_args, run, summarize, plot)
 
 
 if __name__ == "__main__":

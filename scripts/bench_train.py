@@ -14,9 +14,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_decode import environment  # noqa: E402
+from bench_common import environment  # noqa: E402  (it also makes a source checkout importable)
 
 
 def main(argv=None) -> int:

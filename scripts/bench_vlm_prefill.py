@@ -12,26 +12,21 @@ an empty cache. One untimed warm-up run compiles everything first; the median re
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-try:
-    import kvjax  # installed, e.g. `pip install -e .`
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import kvjax
+# bench_common first: it makes a source checkout importable.
+from bench_common import DTYPES, add_model_source, environment, write_outputs
 
 import jax
+import kvjax
 import numpy as np
 
-from bench_decode import add_model_source, environment  # this script's sibling: device, versions, date, command
 from kvjax.demo_vlm import VLM_PRESETS, write_vlm_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample.png"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv):
@@ -122,8 +117,7 @@ def main(argv=None) -> int:
     print(f"{m['family']}: prompt {m['prompt_tokens']} tokens ({m['image_tokens']} image, image_len "
           f"{m['image_len']}, padded {m['padded_tokens']})")
     print("median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_outputs(report, args)
     return 0
 
 

@@ -17,8 +17,11 @@ KVPRESS_PYTHON = os.environ.get("KVJAX_KVPRESS_PYTHON") or (
     sys.executable if importlib.util.find_spec("kvpress") else None)
 
 
-@pytest.mark.skipif(KVPRESS_PYTHON is None, reason="kvpress not importable and KVJAX_KVPRESS_PYTHON not set "
-                    "(kvpress 0.5.5 needs transformers < 5.3; see scripts/kvpress_parity.py)")
+# Skips only where kvpress is absent (a plain local run): .ci/run builds the kvpress venv (a failed
+# build stops CI) and sets KVJAX_KVPRESS_PYTHON, so in CI this test always runs.
+@pytest.mark.skipif(KVPRESS_PYTHON is None, reason="kvpress 0.5.5 is not installed: it needs transformers < 5.3, "
+                    "so it lives in its own venv; set KVJAX_KVPRESS_PYTHON to that venv's python as .ci/run does "
+                    "(recipe in scripts/kvpress_parity.py)")
 def test_kept_sets_equal_kvpress(tmp_path):
     result = kvpress_parity.compare(KVPRESS_PYTHON, tmp_path)
     assert len(result) == len(kvpress_parity.CASES) * len(kvpress_parity.RATIOS)
