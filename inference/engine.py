@@ -1,8 +1,9 @@
 """The serving engine: `Engine(model_dir or model).generate(requests)` -> texts, tokens, metrics.
 
 `step()` is schedule -> run -> postprocess (nano-vllm's split): the scheduler (pure Python) picks a
-prefill, compress or decode batch; the runner runs it on the paged cache; postprocess appends
-tokens, finishes sequences (EOS, max_new_tokens, full) and returns their pages. Greedy outputs
+prefill or decode batch; the runner runs it on the paged cache (a prefill compresses the requests
+that carry a method, through the one `kvjax.compress` path); the scheduler's postprocess appends
+tokens, returns pages compression freed, and finishes sequences (EOS, max_new_tokens, full). Greedy outputs
 equal `kvjax.generate` (and prefill + `kvjax.compress` + `kvjax.generate_from`) per request.
 A VLM serves through its language model: its requests carry their prompt's embeddings.
 `kv_cache_dtype="int8"` keeps the pages int8 (outputs then equal the dense int8 cache's).
@@ -12,17 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
 
 import kvjax
-from inference.paged_cache import PageAllocator, PagedKVCache, compress_slots
-from inference.runner import Observations, Runner, bucket
-from inference.scheduler import Batch, Phase, Request, Scheduler, Sequence
+from inference.paged_cache import PageAllocator, PagedKVCache
+from inference.runner import Runner
+from inference.scheduler import Request, Scheduler, Sequence
+from kvjax.compression import steps_of
+from kvjax.compression.presses import Press
 from kvjax.errors import KVJaxError
-from kvjax.presses import Press
 
 
 @dataclasses.dataclass
@@ -41,12 +43,13 @@ class Engine:
     """page_size: slots per page; num_pages: the pool (default: max_num_seqs full sequences), or
     kv_cache_bytes: as many pages as fit in these bytes; kv_cache_dtype: None (the model's dtype) or
     "int8" (one float32 scale per token and KV head: about 3.6x the pages of float32 per byte);
-    max_model_len: slots one sequence may hold; *_batch_size: FastCache's three stage sizes;
+    max_model_len: slots one sequence may hold; prefill / decoding_batch_size: rows per step (a
+    prefill batch's compression runs on the same rows);
     check_invariants: verify the allocator after every step (tests)."""
 
     def __init__(self, model, *, tokenizer=None, dtype: str = "float32", page_size: int = 16,
                  num_pages: int | None = None, max_num_seqs: int = 32, max_model_len: int = 1024,
-                 prefill_batch_size: int = 4, compress_batch_size: int = 8, decoding_batch_size: int = 32,
+                 prefill_batch_size: int = 4, decoding_batch_size: int = 32,
                  max_prefill_tokens: int = 1 << 30, eos_ids=None, seed: int = 0, check_invariants: bool = False,
                  kv_cache_dtype: str | None = None, kv_cache_bytes: int | None = None,
                  clock: Callable[[], float] = time.perf_counter):
@@ -63,12 +66,12 @@ class Engine:
         num_pages = num_pages or max_num_seqs * max_pages_per_seq
         self.allocator = PageAllocator(num_pages, max_num_seqs, page_size)
         cache = PagedKVCache.for_model(cfg, num_pages, page_size, max_num_seqs, dtype, kv_cache_dtype)
-        self.runner = Runner(self.parts, cache, self.allocator, max_pages_per_seq, seed)
+        self.runner = Runner(self.parts, cache, self.allocator, max_pages_per_seq, seed=seed,
+                             prefill_batch_size=prefill_batch_size, decoding_batch_size=decoding_batch_size)
         self.scheduler = Scheduler(self.allocator, max_pages_per_seq=max_pages_per_seq,
-                                   prefill_batch_size=prefill_batch_size, compress_batch_size=compress_batch_size,
-                                   decoding_batch_size=decoding_batch_size, max_prefill_tokens=max_prefill_tokens)
-        self.capacity = max_pages_per_seq * page_size
-        self.eos_ids = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+                                   prefill_batch_size=prefill_batch_size, decoding_batch_size=decoding_batch_size,
+                                   max_prefill_tokens=max_prefill_tokens,
+                                   eos_ids=cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.check_invariants, self.clock = check_invariants, clock
         self.num_requests = 0
         self.finished: list[Sequence] = []
@@ -89,8 +92,9 @@ class Engine:
         seq = Sequence(self.num_requests, request, [int(t) for t in (prompt if prompt is not None else ())])
         if not seq.prompt_ids:
             raise KVJaxError(f"request {seq.request_id}: empty prompt (give prompt= token ids or embeds=)")
-        if isinstance(request.compression, Press):  # refuse now what compress_slots would refuse later
-            request.compression.check(len(seq.prompt_ids))
+        for step in steps_of(request.compression):  # refuse now what compression would refuse later
+            if isinstance(step, Press):
+                step.check(len(seq.prompt_ids))
         seq.times["arrival"] = self.clock()
         self.scheduler.add(seq)
         self.num_requests += 1
@@ -109,79 +113,20 @@ class Engine:
         return prompt
 
     def step(self) -> list[Sequence]:
-        """One scheduled batch; returns the sequences that finished in it."""
+        """One scheduled batch: schedule -> run -> postprocess; returns the sequences that finished."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
         self.stats["steps"][batch.kind] += 1
-        finished = getattr(self, f"_run_{batch.kind}")(batch)
+        output = self.runner.run(batch)
+        finished = self.scheduler.postprocess(batch, output.tokens, output.kv_lens, self.clock())
+        self.finished.extend(finished)
+        self.stats["steps"]["compress"] = self.runner.num_compress_calls
+        self.stats["pages_freed_by_compression"] = self.scheduler.num_pages_freed_by_compression
         self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
         if self.check_invariants:
             self.allocator.check({s.slot: s.kv_len for s in self.scheduler.running})
         return finished
-
-    def _run_prefill(self, batch: Batch):
-        groups: dict[Any, list[Sequence]] = {}
-        for seq in batch.seqs:  # one prefill per static setting: sampling, observing press, embeds or not
-            request = seq.request
-            press = request.compression if getattr(request.compression, "uses_prefill", False) else None
-            key = (request.sampling, press, request.rope_positions if press else None, request.embeds is not None)
-            groups.setdefault(key, []).append(seq)
-        for (sampling, press, _, has_embeds), seqs in groups.items():
-            tokens, observations = self.runner.prefill(
-                [s.slot for s in seqs], [s.prompt_ids for s in seqs], sampling, self.scheduler.prefill_batch_size,
-                embeds=[s.request.embeds for s in seqs] if has_embeds else None, press=press)
-            self.scheduler.after_prefill(Batch("prefill", tuple(seqs)), tokens)
-            if observations is not None:  # compress now, while the prefill's observations match its rows
-                self._compress(seqs, observations)
-        now = self.clock()
-        for seq in batch.seqs:
-            seq.times.setdefault("first_token", now)
-        return self._postprocess(batch.seqs, now)
-
-    def _run_compress(self, batch: Batch):
-        self._compress(batch.seqs)
-        return self._postprocess(batch.seqs, self.clock())
-
-    def _compress(self, seqs, observations: Observations | None = None) -> None:
-        """Compress sequences that share one method; with observations, exactly that prefill's rows."""
-        first = seqs[0].request
-        slots = [s.slot for s in seqs]
-        num_pages = max(len(self.allocator.pages[s]) for s in slots)
-        batch = bucket(len(slots), self.scheduler.compress_batch_size)
-        if observations is not None:  # the dense view must cover the prefill's padded batch and tokens
-            num_pages = max(num_pages, self.allocator.pages_for(observations.num_tokens))
-            batch = observations.batch
-        before = self.allocator.num_free
-        self.runner.cache, new_lens = compress_slots(
-            self.runner.cache, self.allocator, slots, first.compression, [s.request.image_len for s in seqs],
-            width=bucket(num_pages, self.runner.max_pages_per_seq), batch=batch,
-            rope_positions=first.rope_positions,
-            observations=None if observations is None else observations.values)
-        self.stats["pages_freed_by_compression"] += self.allocator.num_free - before
-        self.stats["steps"]["compress"] += observations is not None  # the scheduled ones are counted in step
-        self.scheduler.after_compress(Batch("compress", tuple(seqs)), new_lens)
-        for seq, length in zip(seqs, new_lens):
-            seq.times["compressed_len"] = length
-
-    def _run_decode(self, batch: Batch):
-        seqs = batch.seqs
-        tokens = self.runner.decode([s.slot for s in seqs], [s.next_token for s in seqs], [s.kv_len for s in seqs],
-                                    seqs[0].request.sampling, self.scheduler.decoding_batch_size)
-        self.scheduler.after_decode(batch, tokens)
-        return self._postprocess(seqs, self.clock())
-
-    def _postprocess(self, seqs, now: float) -> list[Sequence]:
-        """Finish sequences that sampled EOS, reached max_new_tokens or filled their slots (as generate)."""
-        done = []
-        for seq in seqs:
-            if seq.phase is not Phase.WAITING and (seq.is_done or seq.next_token in self.eos_ids
-                                               or seq.kv_len >= self.capacity):
-                seq.times["finish"] = now
-                self.scheduler.finish(seq)
-                self.finished.append(seq)
-                done.append(seq)
-        return done
 
     def generate(self, requests: list[Request], *, progress: Callable[[int], None] | None = None) -> list[Result]:
         """Run requests to completion; each enters the queue at its arrival_s after the start.

@@ -7,9 +7,10 @@ manager): the free list and each slot's page list, i.e. the page tables. The run
 page lists into a `[B, W]` table each step (attention metadata, `pallas_kernels.paged_attention`),
 so the device never holds a table that could disagree with the allocator.
 
-Compression (`compress_slots`) gathers each sequence's pages into a dense `kvjax.KVCache`, runs any
-`kvjax.compress` method on it (int8 pages: dequantized, then quantized again), writes the compacted tokens back into the sequence's first pages and
-returns the pages it no longer needs to the free list at once.
+Compression (the runner's) gathers a batch's pages into a dense `kvjax.KVCache` (`gather_dense`;
+int8 pages dequantized), runs `kvjax.compress` on it and writes the compacted tokens back into each
+sequence's first pages (`scatter_dense`; quantized again for int8 pages); the scheduler then
+returns the pages past the new length to the free list.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kvjax
-from kvjax.cache import KVCache
+from kvjax.cache import KVCache, QuantizedArray, as_dense, quantize
 from kvjax.errors import KVJaxError
-from kvjax.quantization import QuantizedArray, as_dense, quantize
 from pallas_kernels.paged_attention import PagedKV, gather_pages
 
 
@@ -130,7 +129,7 @@ def commit(cache: PagedKVCache, rows, batch: PagedBatch) -> PagedKVCache:
 
 
 @jax.jit
-def _gather(cache: PagedKVCache, rows, table) -> KVCache:
+def gather_dense(cache: PagedKVCache, rows, table) -> KVCache:
     """The dense (dequantized) view of `rows`. One length per row: compression follows a fresh
     prefill, where every layer holds kv_len."""
     def dense(pages):
@@ -141,7 +140,7 @@ def _gather(cache: PagedKVCache, rows, table) -> KVCache:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _scatter(cache: PagedKVCache, rows, dest, dense: KVCache) -> PagedKVCache:
+def scatter_dense(cache: PagedKVCache, rows, dest, dense: KVCache) -> PagedKVCache:
     """Write dense [L, B, Hkv, W * ps, D] back page by page (quantized again for int8 pages); dest
     int32 [B, W] (P = do not write)."""
     num_layers, batch, num_kv_heads, _, _ = dense.k.shape
@@ -152,6 +151,7 @@ def _scatter(cache: PagedKVCache, rows, dest, dense: KVCache) -> PagedKVCache:
         return pages.at[:, dest].set(x, mode="drop")
 
     def store(pages, x):
+        x = as_dense(x)  # a method ending in int8 hands back int8 K/V: quantized again per page below
         if isinstance(pages, QuantizedArray):
             x = quantize(x, pages.dtype)
         return jax.tree.map(put, pages, x)
@@ -217,10 +217,11 @@ class PageAllocator:
         del self.pages[slot]
         self.free_slots.append(slot)
 
-    def table(self, slots, width: int, batch: int | None = None) -> np.ndarray:
-        """int32 [batch, width] page table of `slots` (rows past them and entries past a slot's pages
-        name page 0: attention masks them and writes never reach them)."""
-        out = np.zeros((batch or len(slots), width), np.int32)
+    def table(self, slots, width: int, batch: int | None = None, fill: int = 0) -> np.ndarray:
+        """int32 [batch, width] page table of `slots`. Rows past them and entries past a slot's pages
+        name page `fill`: 0 for reads (attention masks them and writes never reach them), the pool
+        size for writes that must go nowhere."""
+        out = np.full((batch or len(slots), width), fill, np.int32)
         for row, slot in enumerate(slots):
             owned = self.pages[slot][:width]
             out[row, :len(owned)] = owned
@@ -238,29 +239,3 @@ class PageAllocator:
         assert not set(self.pages) & set(self.free_slots), "a slot is both free and open"
         for slot, length in (kv_len or {}).items():
             assert len(self.pages[slot]) >= self.pages_for(length), f"slot {slot} lacks pages for {length} tokens"
-
-
-def compress_slots(cache: PagedKVCache, allocator: PageAllocator, slots, method, image_len, *, width: int,
-                   batch: int | None = None, rope_positions: str | None = None, observations=None):
-    """Compress the sequences in `slots` with `method` (anything `kvjax.compress` takes) and free
-    their unused pages. width: table width covering every slot's pages; batch: padded batch size (a
-    bucket); observations: what a press recorded in the prefill of exactly these slots, in this
-    order (`Runner.prefill`; batch must be its padded batch). Returns (cache, new kv_len per slot)."""
-    batch = batch or len(slots)
-    rows = np.full(batch, allocator.num_slots, np.int32)
-    rows[:len(slots)] = slots
-    table = allocator.table(slots, width, batch)
-    # Only a sequence's own pages are written back; padding rows and entries write nowhere.
-    dest = np.full((batch, width), cache.num_pages, np.int32)
-    for row, slot in enumerate(slots):
-        owned = allocator.pages[slot][:width]
-        dest[row, :len(owned)] = owned
-    lengths = np.zeros(batch, np.int32)
-    lengths[:len(slots)] = image_len
-    options = {} if observations is None else {"observations": observations}
-    dense = kvjax.compress(_gather(cache, rows, table), method, lengths, rope_positions=rope_positions, **options)
-    new_len = np.asarray(dense.kv_len)[:len(slots)].tolist()  # the one sync: pages are freed now
-    cache = _scatter(cache, rows, dest, dense)
-    for slot, length in zip(slots, new_len):  # kv_len is the longest layer: the pages all layers share
-        allocator.shrink(slot, length)
-    return cache, new_len

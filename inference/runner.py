@@ -1,53 +1,48 @@
 """The model runner: the only place that builds device arrays and calls the jitted paged steps.
+It owns every phase of a scheduled batch through one `run(batch)`:
 
-Both steps read the page pool in place and write new K/V through the batch's page table (see
-`pallas_kernels.paged_attention`). Shapes are bucketed (batch rows, table width, prompt length:
-powers of two), so a run compiles a small known set of programs however batches come and go.
-Each step samples on the device and syncs with the host once, for the sampled tokens.
-A prefill for a press that reads the prefill (SnapKV, TOVA, ...) also returns the press's
-observations, which stay on the device until the compress step right after it.
+  prefill  write each prompt into its slot's pages; sequences with a compression method are then
+           compressed right away, through the same path for every method (`kvjax.compress` on the
+           batch's dense view): the prefill records what a query press reads (SnapKV, TOVA, ...)
+           for exactly those rows, as `kvjax.prefill_and_compress` does on a dense cache;
+  decode   one token per sequence, read through the page table.
+
+Shapes are bucketed (batch rows, table width, prompt length: powers of two), so a run compiles a
+small known set of programs however batches come and go. Each step samples on the device and
+syncs with the host once; pages freed by compression go back through the scheduler.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from inference.paged_cache import PageAllocator, PagedKVCache, batch_view, commit
-from kvjax.presses import forward_observed, ratio_free
+import kvjax
+from inference.paged_cache import PageAllocator, PagedKVCache, batch_view, commit, gather_dense, scatter_dense
+from kvjax.compression import observing_press
+from kvjax.compression.presses import forward_observed, ratio_free
+from kvjax.prompts import bucket
 from kvjax.sampling import Sampling, sample
-from kvjax.steps import SplitModel, forward_hidden
+from kvjax.steps import SplitModel, forward_hidden, last_logits
 
 
-def bucket(n: int, limit: int | None = None, smallest: int = 1) -> int:
-    """The smallest power of two >= max(n, smallest), capped at limit (when n fits under it)."""
-    size = max(smallest, 1 << max(int(n) - 1, 0).bit_length())
-    return min(size, limit) if limit is not None and n <= limit else size
+class StepOutput(NamedTuple):
+    """Per sequence of the batch, in its order: the next sampled token, and after a prefill the
+    slots its cache holds (compressed or not)."""
 
-
-class Observations(NamedTuple):
-    """What a press recorded in one prefill, for `kvjax.compress(..., observations=)`."""
-
-    values: Any  # the press's pytree, per layer on axis 0, the prefill's padded batch on axis 1
-    batch: int  # that padded batch size (the compress batch must match it)
-    num_tokens: int  # the prefill's padded prompt length (e.g. observed attention spans it)
+    tokens: list[int]
+    kv_lens: list[int] | None = None
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9, 10), donate_argnums=(2,))
 def _prefill(graphdef, state, cache, rows, table, tokens, lengths, embeds, rng, sampling, press):
     batch = batch_view(cache, rows, table, fresh=True)
-    observations = None
-    if press is None:
-        hidden, batch = forward_hidden(graphdef, state, batch, tokens, lengths, embeds)
-    else:  # the press's own tap records what it reads from the prompt
-        hidden, batch, observations = forward_observed(graphdef, state, batch, tokens, lengths, embeds, press=press)
-    last = jnp.maximum(lengths - 1, 0)[:, None, None]
-    logits = nnx.merge(graphdef, state).logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0])
+    hidden, batch, observations = forward_observed(graphdef, state, batch, tokens, lengths, embeds, press=press)
+    logits = last_logits(graphdef, state, hidden, lengths)
     return sample(logits, rng, sampling), commit(cache, rows, batch), observations
 
 
@@ -55,19 +50,25 @@ def _prefill(graphdef, state, cache, rows, table, tokens, lengths, embeds, rng, 
 def _decode(graphdef, state, cache, rows, table, tokens, active, rng, sampling):
     batch = batch_view(cache, rows, table)
     hidden, batch = forward_hidden(graphdef, state, batch, tokens[:, None], active.astype(jnp.int32))
-    logits = nnx.merge(graphdef, state).logits(hidden[:, 0])
+    logits = last_logits(graphdef, state, hidden, active.astype(jnp.int32))
     return sample(logits, rng, sampling), commit(cache, rows, batch)
 
 
 class Runner:
-    """Holds the split model, the page pool and the allocator; runs prefill and decode batches."""
+    """Holds the split model, the page pool and (read-only) the allocator's page tables."""
 
     def __init__(self, parts: SplitModel, cache: PagedKVCache, allocator: PageAllocator, max_pages_per_seq: int,
-                 seed: int = 0):
+                 *, prefill_batch_size: int, decoding_batch_size: int, seed: int = 0):
         self.parts, self.cache, self.allocator = parts, cache, allocator
         self.max_pages_per_seq = max_pages_per_seq
+        self.prefill_batch_size, self.decoding_batch_size = prefill_batch_size, decoding_batch_size
         self.rng = jax.random.key(seed)
         self.num_calls = 0
+        self.num_compress_calls = 0
+
+    def run(self, batch) -> StepOutput:
+        """Run one scheduled batch (`inference.scheduler.Batch`) on the device."""
+        return self._prefill_batch(batch.seqs) if batch.kind == "prefill" else self._decode_batch(batch.seqs)
 
     def _next_rng(self):
         self.num_calls += 1
@@ -80,13 +81,25 @@ class Runner:
         rows[:len(slots)] = slots
         return rows, self.allocator.table(slots, width, batch), batch
 
-    def prefill(self, slots, prompts: list[list[int]], sampling: Sampling, max_batch: int, *, embeds=None,
-                press=None) -> tuple[list[int], Observations | None]:
-        """Write each prompt into its slot's pages (the slots own them). embeds: one [T, H] array per
-        prompt (VLM prompts) or None; press: record what this press reads from the prefill.
-        Returns the first sampled tokens and the press's observations (None without a press)."""
+    def _prefill_batch(self, seqs) -> StepOutput:
+        """One prefill per static setting (sampling, method, embeds or not), then its compression."""
+        groups: dict = {}
+        for index, seq in enumerate(seqs):
+            request = seq.request
+            key = (request.sampling, request.compression, request.rope_positions, request.embeds is not None)
+            groups.setdefault(key, []).append(index)
+        tokens, kv_lens = [0] * len(seqs), [0] * len(seqs)
+        for (sampling, method, rope_positions, has_embeds), indices in groups.items():
+            group = [seqs[i] for i in indices]
+            first, lens = self._prefill_group(group, sampling, method, rope_positions, has_embeds)
+            for i, token, length in zip(indices, first, lens):
+                tokens[i], kv_lens[i] = token, length
+        return StepOutput(tokens, kv_lens)
+
+    def _prefill_group(self, seqs, sampling: Sampling, method, rope_positions, has_embeds: bool):
+        slots, prompts = [s.slot for s in seqs], [s.prompt_ids for s in seqs]
         max_len = max(len(p) for p in prompts)
-        rows, table, batch = self._rows_and_table(slots, max_len, max_batch)
+        rows, table, batch = self._rows_and_table(slots, max_len, self.prefill_batch_size)
         # Capped at the slots a sequence may hold, so observations never span more than its pages.
         num_tokens = bucket(max_len, self.max_pages_per_seq * self.allocator.page_size, 16)
         tokens = np.zeros((batch, num_tokens), np.int32)
@@ -94,23 +107,44 @@ class Runner:
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = prompt
             lengths[row] = len(prompt)
-        dense_embeds = None
-        if embeds is not None:  # host float32; forward_hidden casts to the model dtype
-            dense_embeds = np.zeros((batch, num_tokens, embeds[0].shape[-1]), np.float32)
-            for row, prompt_embeds in enumerate(embeds):
-                dense_embeds[row, :len(prompt_embeds)] = np.asarray(prompt_embeds, np.float32)
-        press = None if press is None else ratio_free(press)  # what it records is the same for every ratio
-        out, self.cache, observed = _prefill(self.parts.graphdef, self.parts.state, self.cache, rows, table, tokens,
-                                             lengths, dense_embeds, self._next_rng(), sampling, press)
-        observations = None if press is None else Observations(observed, batch, num_tokens)
-        return np.asarray(out)[:len(slots)].tolist(), observations
+        embeds = None
+        if has_embeds:  # host float32; forward_hidden casts to the model dtype
+            embeds = np.zeros((batch, num_tokens, np.shape(seqs[0].request.embeds)[-1]), np.float32)
+            for row, seq in enumerate(seqs):
+                embeds[row, :len(seq.prompt_ids)] = np.asarray(seq.request.embeds, np.float32)
+        press = observing_press(method)
+        out, self.cache, observations = _prefill(
+            self.parts.graphdef, self.parts.state, self.cache, rows, table, tokens, lengths, embeds, self._next_rng(),
+            sampling, None if press is None else ratio_free(press))  # what it records is the same for every ratio
+        first = np.asarray(out)[:len(slots)].tolist()
+        if method is None:
+            return first, [len(p) for p in prompts]
+        width = bucket(self.allocator.pages_for(num_tokens), self.max_pages_per_seq)
+        return first, self._compress(seqs, rows, width, method, rope_positions, observations)
 
-    def decode(self, slots, tokens: list[int], kv_lens: list[int], sampling: Sampling, max_batch: int) -> list[int]:
-        """Feed one token per slot (each slot owns a page for slot kv_len); the next sampled tokens."""
-        rows, table, batch = self._rows_and_table(slots, max(kv_lens) + 1, max_batch)
+    def _compress(self, seqs, rows, width: int, method, rope_positions, observations) -> list[int]:
+        """Compress the prefilled rows with `method` on their dense view and write the compacted
+        tokens back into each sequence's first pages. Returns the new kv_len per sequence; the
+        scheduler then returns the pages past it."""
+        slots = [s.slot for s in seqs]
+        batch = len(rows)
+        table = self.allocator.table(slots, width, batch)
+        dest = self.allocator.table(slots, width, batch, fill=self.cache.num_pages)  # padding writes nowhere
+        image_len = np.zeros(batch, np.int32)
+        image_len[:len(seqs)] = [s.request.image_len for s in seqs]
+        dense = kvjax.compress(gather_dense(self.cache, rows, table), method, image_len, observations=observations,
+                               rope_positions=rope_positions)
+        self.cache = scatter_dense(self.cache, rows, dest, dense)
+        self.num_compress_calls += 1
+        return np.asarray(dense.kv_len)[:len(seqs)].tolist()  # the one sync: pages are freed next
+
+    def _decode_batch(self, seqs) -> StepOutput:
+        """Feed one token per sequence (each owns a page for slot kv_len); the next sampled tokens."""
+        slots, kv_lens = [s.slot for s in seqs], [s.kv_len for s in seqs]
+        rows, table, batch = self._rows_and_table(slots, max(kv_lens) + 1, self.decoding_batch_size)
         feed = np.zeros(batch, np.int32)
-        feed[:len(slots)] = tokens
-        active = np.arange(batch) < len(slots)
+        feed[:len(seqs)] = [s.next_token for s in seqs]
+        active = np.arange(batch) < len(seqs)
         out, self.cache = _decode(self.parts.graphdef, self.parts.state, self.cache, rows, table, feed, active,
-                                  self._next_rng(), sampling)
-        return np.asarray(out)[:len(slots)].tolist()
+                                  self._next_rng(), seqs[0].request.sampling)
+        return StepOutput(np.asarray(out)[:len(seqs)].tolist())

@@ -1,11 +1,13 @@
 """The scheduler: pure Python over sequences, lengths and the page allocator; never sees an array.
 
 Each engine step is one phase, picked in this order:
-  compress  sequences prefilled with a compression method (frees pages, so it goes first);
-  prefill   waiting sequences admitted while a slot and their prompt's pages are free;
+  prefill   waiting sequences admitted while a slot and their prompt's pages are free (the runner
+            compresses those with a method right after their prefill);
   decode    running sequences sharing one sampling config, each with a page for its next token.
 A sequence that cannot get a page waits; if no running sequence can, the newest one is preempted:
 its pages go back and it restarts from its prompt later (greedy output is unchanged).
+`postprocess` takes the runner's output: it records tokens and lengths, returns the pages that
+compression freed, and finishes sequences (EOS, max_new_tokens, a full sequence), as nano-vllm's.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ class Request:
 
 class Phase(enum.Enum):
     WAITING = "waiting"
-    COMPRESS = "compress"
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -69,23 +70,24 @@ class Sequence:
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    kind: str  # "prefill" | "compress" | "decode"
+    kind: str  # "prefill" | "decode"
     seqs: tuple[Sequence, ...]
 
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, *, max_pages_per_seq: int, prefill_batch_size: int,
-                 compress_batch_size: int, decoding_batch_size: int, max_prefill_tokens: int = 1 << 30):
-        for name, value in (("prefill_batch_size", prefill_batch_size), ("compress_batch_size", compress_batch_size),
-                            ("decoding_batch_size", decoding_batch_size)):
+                 decoding_batch_size: int, max_prefill_tokens: int = 1 << 30, eos_ids=()):
+        for name, value in (("prefill_batch_size", prefill_batch_size), ("decoding_batch_size", decoding_batch_size)):
             if value <= 0:
                 raise KVJaxError(f"{name} must be > 0, got {value}")
         self.allocator = allocator
         self.max_pages_per_seq = max_pages_per_seq
-        self.prefill_batch_size, self.compress_batch_size = prefill_batch_size, compress_batch_size
-        self.decoding_batch_size, self.max_prefill_tokens = decoding_batch_size, max_prefill_tokens
+        self.capacity = max_pages_per_seq * allocator.page_size  # slots one sequence may hold
+        self.prefill_batch_size, self.decoding_batch_size = prefill_batch_size, decoding_batch_size
+        self.max_prefill_tokens, self.eos_ids = max_prefill_tokens, set(eos_ids)
+        self.num_pages_freed_by_compression = 0
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []  # prefilled, in admission order (COMPRESS or RUNNING)
+        self.running: list[Sequence] = []  # prefilled, in admission order
 
     def add(self, seq: Sequence) -> None:
         capacity = self.max_pages_per_seq * self.allocator.page_size
@@ -100,12 +102,6 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Batch | None:
-        pending = [s for s in self.running if s.phase is Phase.COMPRESS]
-        if pending:
-            first = pending[0].request
-            group = [s for s in pending if s.request.compression is first.compression
-                     and s.request.rope_positions == first.rope_positions]
-            return Batch("compress", tuple(group[:self.compress_batch_size]))
         admitted, num_tokens = [], 0
         while (self.waiting and len(admitted) < self.prefill_batch_size
                and num_tokens + len(self.waiting[0].prompt_ids) <= self.max_prefill_tokens
@@ -146,23 +142,31 @@ class Scheduler:
         seq.num_preempted += 1
         self.waiting.appendleft(seq)
 
-    def after_prefill(self, batch: Batch, first_tokens: list[int]) -> None:
-        for seq, token in zip(batch.seqs, first_tokens):
-            seq.kv_len = len(seq.prompt_ids)
-            seq.output = [token]
-            seq.phase = Phase.COMPRESS if seq.request.compression is not None else Phase.RUNNING
-            self.running.append(seq)
-
-    def after_compress(self, batch: Batch, new_lens: list[int]) -> None:
-        for seq, length in zip(batch.seqs, new_lens):
-            seq.kv_len, seq.phase = length, Phase.RUNNING
-
-    def after_decode(self, batch: Batch, tokens: list[int]) -> None:
-        for seq, token in zip(batch.seqs, tokens):
-            seq.kv_len += 1
+    def postprocess(self, batch: Batch, tokens: list[int], kv_lens: list[int] | None, now: float) -> list[Sequence]:
+        """Record a run's output (per sequence of the batch: its next token and, after a prefill, the
+        slots its cache holds), free what compression released, and finish sequences that sampled
+        EOS, reached max_new_tokens or filled their slots (as kvjax.generate). Returns the finished."""
+        finished = []
+        for index, (seq, token) in enumerate(zip(batch.seqs, tokens)):
+            if seq.phase is Phase.WAITING and batch.kind == "decode":
+                continue  # preempted while this batch was built: it restarts from its prompt
             seq.output.append(token)
+            if batch.kind == "prefill":
+                seq.times.setdefault("first_token", now)
+                seq.kv_len, seq.phase = kv_lens[index], Phase.RUNNING
+                self.running.append(seq)
+                if seq.request.compression is not None:
+                    seq.times["compressed_len"] = seq.kv_len
+                    self.num_pages_freed_by_compression += self.allocator.shrink(seq.slot, seq.kv_len)
+            else:
+                seq.kv_len += 1
+            if seq.is_done or token in self.eos_ids or seq.kv_len >= self.capacity:
+                seq.times["finish"] = now
+                self._finish(seq)
+                finished.append(seq)
+        return finished
 
-    def finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.allocator.close(seq.slot)
         seq.phase = Phase.FINISHED

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import KVCache
-from kvjax.compressors import compress
+from kvjax.compression import Int8KV, prefill_and_compress, presses
+from kvjax.compression.ccm import CompressorConfig, build_compressor
+from kvjax.compression.checkpoint import load_compressor
 from kvjax.errors import KVJaxError
-from kvjax.quantization import Int8KV
 from kvjax.steps import decode_step, prefill, split
 
 
@@ -36,15 +37,13 @@ class Method:
     label: str
     family: str  # "none" | "int8" | "press" | "ccm"
     ratio: float | None
-    method: Any = None  # the press, compressor or Int8KV passed to kvjax.compress
+    method: Any = None  # the press, compressor, Int8KV() or (press or compressor, Int8KV()) for kvjax.compress
     is_quantized: bool = False  # a press or ccm followed by int8 (`+int8`)
 
 
 def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: dict | None = None) -> list[Method]:
     """['knorm:0.25,0.5', 'int8', 'ccm:5'] -> Methods. A `none` baseline is always first.
     press_options go to every press that has a field of that name."""
-    from kvjax import presses
-
     methods = [Method("none", "none", 0.0)]
     for spec in specs:
         base, plus, suffix = spec.partition("+")
@@ -59,12 +58,12 @@ def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: 
         if name == "int8":
             methods.append(Method("int8", "int8", 0.0, Int8KV()))
         elif name == "ccm":
-            from kvjax.compressor_checkpoint import compressor_for
-
             for factor in values or [None]:
-                if factor is not None and not factor.isdigit():
-                    raise KVJaxError(f"ccm takes integer compression factors, e.g. ccm:5; got {spec!r}")
-                comp = compressor_for(model_cfg, ckpt=compressor_dir, compression_factor=factor and int(factor))
+                if factor is not None and not (factor.isdigit() and int(factor) >= 1):
+                    raise KVJaxError(f"ccm takes compression factors >= 1, e.g. ccm:5; got {spec!r}")
+                factor = None if factor is None else int(factor)
+                comp = (load_compressor(compressor_dir, model_cfg, compression_factor=factor) if compressor_dir
+                        else build_compressor(CompressorConfig.for_model(model_cfg, compression_factor=factor)))
                 cf = comp.cfg.compression_factor
                 methods.append(Method(f"ccm:{cf}", "ccm", 1 - 1 / cf, comp))
         elif name in presses.PRESSES:
@@ -89,22 +88,14 @@ def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: 
             raise KVJaxError(f"unknown method {name!r} in --methods; choose from {known} (a press or ccm "
                              "may end in +int8)")
         if plus:  # every ratio/factor of this spec, then int8
-            methods[first:] = [dataclasses.replace(m, label=m.label + "+int8", is_quantized=True)
-                               for m in methods[first:]]
+            methods[first:] = [dataclasses.replace(m, label=m.label + "+int8", is_quantized=True,
+                                                   method=(m.method, Int8KV())) for m in methods[first:]]
     return methods
 
 
-def prefill_compressed(model, cache: KVCache, tokens, lengths, method: Method):
+def _prefill_with(model, cache: KVCache, tokens, lengths, method: Method):
     """Prefill an empty cache with a padded prompt [B, T] and apply `method` -> (logits [B, V], cache)."""
-    if method.family == "press" and method.method.uses_prefill:
-        from kvjax.presses import prefill as press_prefill
-
-        logits, cache, observations = press_prefill(model, cache, tokens, lengths, press=method.method)
-        cache = compress(cache, method.method, observations=observations)
-    else:
-        logits, cache = prefill(model, cache, tokens, lengths)
-        cache = cache if method.family == "none" else compress(cache, method.method)
-    return logits, (compress(cache, Int8KV()) if method.is_quantized else cache)  # presses need a dense cache
+    return prefill_and_compress(model, cache, tokens, lengths, method=method.method)
 
 
 def _timed(fn, *args):
@@ -143,7 +134,7 @@ def perplexity(model, token_ids, method: Method, *, context_len: int, continuati
     for start in starts:
         ids = np.asarray(token_ids[start:start + window], np.int32)
         cache = KVCache.for_model(parts.cfg, 1, window, model.dtype)
-        (logits, cache), seconds = _timed(prefill_compressed, parts, cache, ids[None, :context_len],
+        (logits, cache), seconds = _timed(_prefill_with, parts, cache, ids[None, :context_len],
                                           np.array([context_len], np.int32), method)
         ttft.append(seconds)
         kv_bytes.append(int(cache.used_bytes()[0]))
@@ -176,8 +167,8 @@ def agreement(model, prompts, method: Method, *, gen_len: int, reference: list |
     agree, kl = [], []
     for prompt, (generated, ref_logits) in zip(prompts, reference):
         tokens, lengths = _padded(prompt, width)
-        logits, cache = prefill_compressed(parts, KVCache.for_model(parts.cfg, 1, max_len, model.dtype),
-                                           tokens, lengths, method)
+        logits, cache = _prefill_with(parts, KVCache.for_model(parts.cfg, 1, max_len, model.dtype),
+                                      tokens, lengths, method)
         ours = _log_softmax(_forced_logits(parts, cache, logits, generated))
         theirs = _log_softmax(ref_logits)
         agree.extend(ours.argmax(-1) == theirs.argmax(-1))

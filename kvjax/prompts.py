@@ -1,4 +1,5 @@
-"""Turn a conversation into prompt token ids, with the model's own chat template when it has one."""
+"""Turn a conversation into prompt token ids, with the model's own chat template when it has one,
+and round lengths to the compile buckets."""
 
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def bucket_len(n: int, minimum: int = 64) -> int:
-    """Round a prompt length up to a power of two (>= minimum) so few prefill shapes compile."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return size
+def bucket(n: int, limit: int | None = None, smallest: int = 1) -> int:
+    """The smallest power of two >= max(n, smallest), capped at limit (when n fits under it): prompt
+    lengths and batch sizes are rounded so few shapes compile."""
+    size = max(smallest, 1 << max(int(n) - 1, 0).bit_length())
+    return min(size, limit) if limit is not None and n <= limit else size

@@ -1,4 +1,5 @@
 """Jitted steps over the dense KV cache: prefill, decode_step, generate (and stream for CLIs).
+Compression steps are in `kvjax.compression` (`compress`, `prefill_and_compress`).
 
 Every step is a pure function of (graphdef, state, cache, inputs): the model is split once
 (`split`), the graphdef is static, and the cache is donated so XLA updates it in place. Do not
@@ -63,14 +64,18 @@ def forward_hidden(graphdef, state, cache: KVCache, tokens, lengths, embeds=None
     return hidden, cache.replace(**changes)
 
 
+def last_logits(graphdef, state, hidden, lengths) -> jax.Array:
+    """hidden [B, T, H], lengths int32 [B] -> float32 logits [B, V] at each row's last real token."""
+    last = jnp.maximum(lengths - 1, 0)[:, None, None]
+    return nnx.merge(graphdef, state).logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0])
+
+
 def _forward(graphdef, state, cache: KVCache, tokens, lengths, embeds, all_logits: bool):
     """tokens int32 [B, T] (right-padded), lengths int32 [B] -> logits, cache with the chunk appended."""
     hidden, cache = forward_hidden(graphdef, state, cache, tokens, lengths, embeds)
-    model = nnx.merge(graphdef, state)
     if all_logits:
-        return model.logits(hidden), cache  # [B, T, V]
-    last = jnp.maximum(lengths - 1, 0)[:, None, None]
-    return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), cache  # [B, V]
+        return nnx.merge(graphdef, state).logits(hidden), cache  # [B, T, V]
+    return last_logits(graphdef, state, hidden, lengths), cache  # [B, V]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
@@ -90,7 +95,7 @@ def _as_int32(x):
     return x.astype(jnp.int32) if isinstance(x, jax.Array) else np.asarray(x, np.int32)
 
 
-def _prepare(cache: KVCache, tokens, lengths, embeds) -> tuple[jax.Array, jax.Array]:
+def prepare_prompt(cache: KVCache, tokens, lengths, embeds) -> tuple[jax.Array, jax.Array]:
     """Validate a prompt chunk on the host (prefill is rare enough to sync here)."""
     tokens = _as_int32(tokens)
     if tokens.ndim == 1:
@@ -120,7 +125,7 @@ def prefill(model, cache: KVCache, tokens, lengths=None, embeds=None, *, all_log
     at each row's last real token, or [B, T, V] with all_logits=True.
     """
     parts = split(model)
-    tokens, lengths = _prepare(cache, tokens, lengths, embeds)
+    tokens, lengths = prepare_prompt(cache, tokens, lengths, embeds)
     return _prefill(parts.graphdef, parts.state, cache, tokens, lengths, embeds, all_logits)
 
 
@@ -220,7 +225,7 @@ def generate(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_ne
     was sampled but never fed back), so continuing a conversation starts by feeding that token.
     """
     parts = split(model)
-    tokens, lengths = _prepare(cache, tokens, lengths, embeds)
+    tokens, lengths = prepare_prompt(cache, tokens, lengths, embeds)
     eos, pad_id, max_new, rng = _generation_args(parts, max_new_tokens, sampling, eos_ids, seed, cache.batch)
     out, num, cache = _generate(parts.graphdef, parts.state, cache, tokens, lengths, embeds, rng, max_new,
                                 max_new_tokens, sampling, eos, pad_id)
@@ -238,24 +243,14 @@ def generate_from(model, cache: KVCache, logits, *, max_new_tokens: int, samplin
     return Generation(np.asarray(out), np.asarray(num), cache)
 
 
-def stream(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_new_tokens: int,
-           sampling: Sampling = GREEDY, eos_ids=None, seed: int = 0,
-           on_prefill=None, after_prefill=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Like `generate`, but yields (token [B], is_new [B]) per step so a CLI can print as it goes.
-
-    Same sampling stream as `generate` for the same seed. `on_prefill()` is called once the prompt
-    is in the cache (for TTFT); then `after_prefill(cache) -> cache` may change the cache (e.g.
-    compress it) before decoding. The final cache is the generator's return value.
-    """
+def stream_from(model, cache: KVCache, logits, *, max_new_tokens: int, sampling: Sampling = GREEDY,
+                eos_ids=None, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Decode from a cache that holds the prompts (prefilled, maybe compressed), yielding
+    (token [B], is_new [B]) per step so a caller can print as it goes; logits float32 [B, V] are
+    the prefill's. Same sampling stream as `generate_from` for the same seed. The final cache is
+    the generator's return value."""
     parts = split(model)
-    tokens, lengths = _prepare(cache, tokens, lengths, embeds)
     eos, pad_id, max_new, rng = _generation_args(parts, max_new_tokens, sampling, eos_ids, seed, cache.batch)
-    logits, cache = _prefill(parts.graphdef, parts.state, cache, tokens, lengths, embeds, False)
-    if on_prefill is not None:
-        jax.block_until_ready(logits)
-        on_prefill()
-    if after_prefill is not None:
-        cache = after_prefill(cache)
     gen = _start(cache, logits, rng, max_new_tokens)
     done = np.zeros(cache.batch, bool)
     for step in range(max_new_tokens):
@@ -266,3 +261,12 @@ def stream(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_new_
         yield token, ~done
         done = now_done
     return gen.cache
+
+
+def stream(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_new_tokens: int,
+           sampling: Sampling = GREEDY, eos_ids=None, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`prefill` then `stream_from`: like `generate`, but yields (token [B], is_new [B]) per step."""
+    parts = split(model)
+    logits, cache = prefill(parts, cache, tokens, lengths, embeds)
+    return (yield from stream_from(parts, cache, logits, max_new_tokens=max_new_tokens, sampling=sampling,
+                                   eos_ids=eos_ids, seed=seed))

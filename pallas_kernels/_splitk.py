@@ -55,8 +55,8 @@ def merge_splits(o: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array) -> jax.
 
 
 def dequantize(values: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
-    """int8 values [..., n, D] with float32 scales [..., n] -> [..., n, D] in dtype, exactly as
-    kvjax.quantization.dequantize; values pass through unchanged when scales is None."""
+    """int8 values [..., n, D] with float32 scales [..., n] -> [..., n, D] in dtype, the one
+    definition (kvjax.cache.dequantize calls it); values pass through unchanged when scales is None."""
     if scales is None:
         return values
     return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)

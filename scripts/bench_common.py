@@ -19,7 +19,7 @@ except ImportError:  # run from a checkout without installing
 
 import jax
 
-from kvjax import demo
+from kvjax.testing import text as demo
 
 DTYPES = ("float32", "bfloat16", "float16")
 

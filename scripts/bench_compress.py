@@ -23,7 +23,7 @@ import kvjax
 import numpy as np
 from tqdm import tqdm
 
-from kvjax.compressors import CompressorConfig, build_compressor
+from kvjax.compression.ccm import CompressorConfig, build_compressor
 
 
 def parse_args(argv):

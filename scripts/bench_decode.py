@@ -27,8 +27,8 @@ import kvjax
 import numpy as np
 from tqdm import tqdm
 
-from kvjax import demo
-from kvjax.loading import hf_config, read_config_json
+from kvjax.testing import text as demo
+from kvjax.loading.hf import hf_config, read_config_json
 
 BACKENDS = ("kvjax", "torch")
 

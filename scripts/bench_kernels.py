@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.quantization import kernel_operands, quantize
+from kvjax.cache import kernel_operands, quantize
 from pallas_kernels.ccm_compress import CCMWeights, GroupMLP, ccm_compress_pallas, ccm_compress_reference
 from pallas_kernels.compact_kv import compact_kv_pallas, compact_kv_reference
 from pallas_kernels.decode_attention import decode_attention_pallas, decode_attention_reference

@@ -6,7 +6,7 @@ kvpress 0.5.5 needs transformers < 5.3, so it runs in its own venv (see scripts/
 
 The project venv writes a random-weight Llama (`kvjax.demo.write_checkpoint(like="llama-100m")`)
 and a prompt of --context-len token ids; both sides prefill it in float32 with batch 1.
-- kvjax: `kvjax.compress(cache, press, observations=obs)` after `kvjax.presses.prefill`, timed
+- kvjax: `kvjax.compress(cache, press, observations=obs)` after `kvjax.compression.prefill_observing`, timed
   from a fresh copy of the prefilled cache (compile excluded; median of --repeats).
 - kvpress: the time spent in `press.compress` summed over the layers of one prefill (kvpress
   scores and prunes inside its forward hooks; median of --kvpress-repeats prefills).
@@ -69,7 +69,8 @@ def run_kvjax(model_dir: Path, ratio: float, repeats: int) -> dict:
     import numpy as np
 
     import kvjax
-    from kvjax.presses import get_press, prefill
+    from kvjax.compression import prefill_observing as prefill
+    from kvjax.compression.presses import get_press
 
     model, _, cfg = kvjax.load(model_dir, dtype="float32", tokenizer=False)
     prompt = np.asarray(json.loads((model_dir / "prompt.json").read_text()), np.int32)[None]
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         parser.error("--kvpress-python is required")
     import numpy as np
 
-    from kvjax.demo import write_checkpoint
+    from kvjax.testing.text import write_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_checkpoint(Path(tmp) / "model", like=args.like, max_position_embeddings=args.context_len)

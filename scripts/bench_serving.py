@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from inference.engine import Engine
 from inference.scheduler import Request
-from kvjax.compressor_checkpoint import compressor_for
-from kvjax.presses import get_press
+from kvjax.compression.checkpoint import compressor_for
+from kvjax.compression.presses import get_press
 
 
 def parse_args(argv):
@@ -53,7 +53,6 @@ def parse_args(argv):
     p.add_argument("--num-pages", type=int, default=None, help="page pool (default: max-num-seqs full sequences)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--prefill-batch-size", type=int, default=4)
-    p.add_argument("--compress-batch-size", type=int, default=8)
     p.add_argument("--decoding-batch-size", type=int, default=32)
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +158,7 @@ def serve(parts, tokenizer, prompts, arrivals, method, kv_dtype, args, *, progre
     engine = Engine(parts, tokenizer=tokenizer, page_size=args.page_size, num_pages=args.num_pages,
                     kv_cache_bytes=args.kv_cache_bytes, kv_cache_dtype=kv_dtype,
                     max_num_seqs=args.max_num_seqs, max_model_len=max(map(len, prompts)) + args.max_new_tokens + 1,
-                    prefill_batch_size=args.prefill_batch_size, compress_batch_size=args.compress_batch_size,
+                    prefill_batch_size=args.prefill_batch_size,
                     decoding_batch_size=args.decoding_batch_size, eos_ids=(), seed=args.seed)
     requests = [Request(prompt=p, max_new_tokens=args.max_new_tokens, compression=method, arrival_s=float(t),
                         image_len=min(args.image_kv_len, len(p)) if method is not None else 0)

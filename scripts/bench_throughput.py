@@ -59,7 +59,7 @@ def run_decode(parts, compressor, kv_dtype, batch, args, kv_cache_bytes=None, pr
     num_steps = args.warmup_steps + args.decode_steps
     engine = Engine(parts, page_size=args.page_size, kv_cache_bytes=kv_cache_bytes, kv_cache_dtype=kv_dtype,
                     max_num_seqs=batch, max_model_len=args.prompt_len + num_steps + 1,
-                    prefill_batch_size=prefill_batch or min(batch, 8), compress_batch_size=min(batch, 8),
+                    prefill_batch_size=prefill_batch or min(batch, 8),
                     decoding_batch_size=batch, eos_ids=())
     rng = np.random.default_rng(batch)
     vocab = parts.cfg.vocab_size

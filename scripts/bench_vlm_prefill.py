@@ -24,7 +24,7 @@ import jax
 import kvjax
 import numpy as np
 
-from kvjax.demo_vlm import VLM_PRESETS, write_vlm_checkpoint
+from kvjax.testing.vlm import VLM_PRESETS, write_vlm_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample.png"
 
@@ -53,19 +53,11 @@ def model_dir_for(args) -> Path:
 
 
 def prompt_builder(model_dir, model, tokenizer, cfg):
-    """-> (preprocess(image) -> pixels, build(pixels, question) -> MultimodalPrompt), per family."""
-    parts = kvjax.split(model)
-    if hasattr(cfg, "query_num"):
-        from kvjax.minicpmv_prompt import build_minicpmv_prompts, preprocess
+    """-> (preprocess(image) -> pixels, build(pixels, question) -> MultimodalPrompt): the family's prompter."""
+    from kvjax.vision import prompter_for
 
-        return (lambda image: preprocess(image, cfg),
-                lambda pixels, question: build_minicpmv_prompts(parts, tokenizer, [question], [pixels]))
-    from kvjax.images import clip_pixel_values, load_clip_processor
-    from kvjax.multimodal import build_llava_prompts
-
-    processor = load_clip_processor(model_dir)
-    return (lambda image: clip_pixel_values([image], processor, cfg.vision.image_size)[0],
-            lambda pixels, question: build_llava_prompts(parts, tokenizer, [question], [pixels]))
+    prompter = prompter_for(model, tokenizer, cfg, model_dir)
+    return prompter.pixels, lambda pixels, question: prompter.build([question], [pixels])
 
 
 def run(args, argv) -> dict:

@@ -75,7 +75,8 @@ def kvjax_sets(model_dir: Path) -> dict:
     import numpy as np
 
     import kvjax
-    from kvjax.presses import get_press, kept_tokens, prefill
+    from kvjax.compression import prefill_observing as prefill
+    from kvjax.compression.presses import get_press, kept_tokens
 
     model, _, cfg = kvjax.load(model_dir, dtype="float32", tokenizer=False)
     prompt = np.asarray(json.loads((model_dir / "prompt.json").read_text()), np.int32)

@@ -16,7 +16,7 @@ except ImportError:  # run from a checkout without installing
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvjax import demo, demo_vlm
+from kvjax.testing import text as demo, vlm as demo_vlm
 from kvjax.errors import KVJaxError
 
 # flag -> config.json field; only flags given on the command line override the preset

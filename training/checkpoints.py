@@ -28,7 +28,9 @@ def prepare_out_dir(out, *, resume: bool, overwrite: bool) -> pathlib.Path:
     is_used = out.is_dir() and any(out.iterdir())
     if resume:
         if latest_step(out) is None:
-            raise KVJaxError(f"--resume: {out} holds no training checkpoint; drop --resume to start a new run")
+            fix = ("start over there with --overwrite (instead of --resume), or choose another --out" if is_used
+                   else "drop --resume to start a new run")
+            raise KVJaxError(f"--resume: {out} holds no training checkpoint; {fix}")
     elif is_used and not overwrite:
         raise KVJaxError(f"--out {out} exists and is not empty; pass --resume to continue that run, "
                          "--overwrite to replace it, or choose another directory")

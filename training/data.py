@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from kvjax.errors import KVJaxError
-from kvjax.prompts import bucket_len, encode_chat
+from kvjax.prompts import bucket, encode_chat
 from training.objective import Batch
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -158,8 +158,8 @@ def collate(examples: Sequence[Example], batch_size: int, pad_id: int, *, min_bu
     """Right-pad to power-of-two buckets (few compiled shapes); missing rows are zero-length padding."""
     contexts = [ex.prompt[:-1] for ex in examples]
     conts = [ex.prompt[-1:] + ex.answer for ex in examples]
-    context_len = bucket_len(max(map(len, contexts)), min_bucket)
-    cont_len = bucket_len(max(map(len, conts)), max(8, min_bucket // 4))
+    context_len = bucket(max(map(len, contexts)), smallest=min_bucket)
+    cont_len = bucket(max(map(len, conts)), smallest=max(8, min_bucket // 4))
     context = np.full((batch_size, context_len), pad_id, np.int32)
     cont = np.full((batch_size, cont_len), pad_id, np.int32)
     for row, (c, n) in enumerate(zip(contexts, conts)):

@@ -12,7 +12,7 @@ import os
 import pathlib
 import re
 
-from kvjax.demo import DEMO_TEXT
+from kvjax.testing.text import DEMO_TEXT, kvjax_home
 
 WINDOW = 3  # sentences of context per record
 
@@ -28,8 +28,7 @@ def demo_records() -> list[dict]:
 
 
 def demo_dataset_dir() -> pathlib.Path:
-    home = os.environ.get("KVJAX_HOME") or pathlib.Path.home() / ".cache" / "kvjax"
-    return pathlib.Path(home).expanduser() / "train-demo"
+    return kvjax_home() / "train-demo"
 
 
 def ensure_demo_dataset() -> pathlib.Path:

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from kvjax.cache import KVCache
-from kvjax.compressors import apply_compression
+from kvjax.compression.ccm import apply_compression
 from kvjax.steps import forward_hidden
 from training.losses import LossConfig, distillation_loss
 

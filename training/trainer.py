@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kvjax.compressor_checkpoint import load_compressor, save_compressor
-from kvjax.compressors import CompressorConfig, build_compressor
+from kvjax.compression.checkpoint import load_compressor, save_compressor
+from kvjax.compression.ccm import CompressorConfig, build_compressor
 from kvjax.errors import KVJaxError
 from training import checkpoints, data
 from training.config import TrainConfig
@@ -60,11 +60,11 @@ def load_backbone(cfg: TrainConfig):
     if cfg.model_dir:
         model_dir = cfg.model_dir
     elif cfg.demo:
-        from kvjax.demo_vlm import ensure_demo_vlm  # noqa: PLC0415
+        from kvjax.testing.vlm import ensure_demo_vlm  # noqa: PLC0415
 
         model_dir = ensure_demo_vlm(cfg.demo)
     else:
-        from kvjax.demo import ensure_demo_checkpoint  # noqa: PLC0415
+        from kvjax.testing.text import ensure_demo_checkpoint  # noqa: PLC0415
 
         model_dir = ensure_demo_checkpoint()
     model, tokenizer, model_cfg = kvjax.load(model_dir, dtype=cfg.dtype)

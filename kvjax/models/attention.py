@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.quantization import as_dense, kernel_operands, read_layer, store
+from kvjax.cache import as_dense, kernel_operands, read_layer, store
 from pallas_kernels._dispatch import kernel_mode
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.paged_attention import PagedKV, paged_attention

@@ -1,4 +1,4 @@
-"""Building blocks shared by the LMs: RMSNorm and RoPE as a function of explicit positions."""
+"""Building blocks shared by the LMs: RMSNorm and RoPE (full or partial) as a function of explicit positions."""
 
 from __future__ import annotations
 
@@ -77,11 +77,17 @@ def _yarn(rope: RopeConfig, dim: int, inv_freq: np.ndarray) -> tuple[np.ndarray,
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float) -> jax.Array:
-    """Rotate x [B, T, H, D] at integer positions [B, T] (HF's rotate-half convention)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    """Rotate x [B, T, H, D] at integer positions [B, T] (HF's rotate-half convention).
+
+    inv_freq [R/2] rotates the first R dims of each head; the other D - R pass through unchanged
+    (GPT-NeoX's partial rotary: pass `rope_frequencies(rope, R)`)."""
+    rope_dim = 2 * inv_freq.shape[-1]
+    x, x_pass = x[..., :rope_dim], x[..., rope_dim:]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, R/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, R]
     cos = (jnp.cos(angles) * scale).astype(x.dtype)
     sin = (jnp.sin(angles) * scale).astype(x.dtype)
-    half = x.shape[-1] // 2
+    half = rope_dim // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    x = x * cos + rotated * sin
+    return jnp.concatenate([x, x_pass], axis=-1) if x_pass.shape[-1] else x

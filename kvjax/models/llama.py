@@ -32,6 +32,18 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(head_dim, eps=cfg.rms_norm_eps, param_dtype=dtype)
             self.k_norm = RMSNorm(head_dim, eps=cfg.rms_norm_eps, param_dtype=dtype)
 
+    def project(self, h, kind: str = "q", positions=None):
+        """h [B, T, H] -> queries [B, T, Hq, D] (kind 'q') or keys [B, T, Hkv, D] (kind 'k'),
+        rotated to `positions` int32 [B, T] if given (pre-RoPE otherwise). Presses call this."""
+        cfg = self.cfg
+        heads = cfg.num_heads if kind == "q" else cfg.num_kv_heads
+        x = getattr(self, f"{kind}_proj")(h).reshape(h.shape[0], h.shape[1], heads, cfg.head_dim)
+        if cfg.qk_norm:
+            x = getattr(self, f"{kind}_norm")(x)
+        if positions is not None:
+            x = apply_rope(x, positions, *rope_frequencies(cfg.rope, cfg.rope_dim))
+        return x
+
     def __call__(self, x, positions, cache_k, cache_v, layer: int, write_slots, visible_len):
         """x [B, T, H]; positions, write_slots, visible_len int32 [B, T]; cache_* [L, B, Hkv, S, D].
 
@@ -39,14 +51,8 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         batch, num_new, _ = x.shape
-        q = self.q_proj(x).reshape(batch, num_new, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(batch, num_new, cfg.num_kv_heads, cfg.head_dim)
+        q, k = self.project(x, "q", positions), self.project(x, "k", positions)
         v = self.v_proj(x).reshape(batch, num_new, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq, scale = rope_frequencies(cfg.rope, cfg.head_dim)
-        q = apply_rope(q, positions, inv_freq, scale)
-        k = apply_rope(k, positions, inv_freq, scale)
         rows = jnp.arange(batch)[:, None]
         cache_k = store_kv(cache_k, layer, rows, write_slots, k)  # quantizes an int8 cache; pages a PagedKV
         cache_v = store_kv(cache_v, layer, rows, write_slots, v)

@@ -24,6 +24,7 @@ from kvjax.models.siglip import SiglipVisionTower
 from kvjax.models.vit import LayerNorm, VisionConfig
 
 RESAMPLER_HEAD_DIM = 128  # the remote code builds Resampler(num_heads=embed_dim // 128)
+PROCESSOR_SLICING_KEYS = ("max_slice_nums", "patch_size", "scale_resolution")  # top-level preprocessor_config.json keys
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,15 +55,18 @@ class MiniCPMVConfig:
         return self.text.hidden_size // RESAMPLER_HEAD_DIM
 
     @classmethod
-    def from_config_json(cls, config: dict, text: ModelConfig) -> MiniCPMVConfig:
-        """From config.json read as data (no remote code); `text` is the Qwen2 LM's config."""
+    def from_config_json(cls, config: dict, text: ModelConfig, preprocessor: dict | None = None) -> MiniCPMVConfig:
+        """From config.json read as data (no remote code); `text` is the Qwen2 LM's config and
+        `preprocessor` the checkpoint's preprocessor_config.json, if it has one."""
         if "vision_config" not in config:
             raise KVJaxError("MiniCPM-V config.json has no vision_config; is this a MiniCPM-V-2.6 checkpoint?")
         # SiglipVisionConfig's defaults, which the hub's vision_config leaves out.
         vision = {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, **config["vision_config"]}
         if config.get("drop_vision_last_layer", False):
             vision["num_hidden_layers"] = vision["num_hidden_layers"] - 1
-        slicing = config.get("slice_config") or {}
+        # The original image processor slices by preprocessor_config.json; slice_config is the fallback.
+        processor = {k: v for k, v in (preprocessor or {}).items() if k in PROCESSOR_SLICING_KEYS}
+        slicing = {**(config.get("slice_config") or {}), **processor}
         return cls(text=text, vision=VisionConfig.from_hf_config(vision),
                    query_num=int(config.get("query_num", 64)),
                    scale_resolution=int(slicing.get("scale_resolution", 448)),

@@ -3,7 +3,8 @@
 An image of (h, w) patches arrives as a one-row strip of its patches, [C, p, p * h * w]
 (MiniCPM-V's `reshape_by_patch`), right-padded to the longest image of the batch. Each patch gets
 a position id from the native grid of `grid_size`² learned positions by bucketing its fractional
-row and column, exactly as the remote code does it in float32 (`navit_position_ids`). At the
+row and column bit for bit as the remote code's float32 torch CPU arange does; the ids depend
+only on the static patch counts, so they are built on the host (`navit_position_ids`). At the
 native size (h = w = grid_size) the ids are 0..grid²-1, i.e. transformers' SiglipVisionModel.
 Output = post_layernorm(last hidden state); there is no pooling head.
 """
@@ -18,17 +19,33 @@ from flax import nnx
 from kvjax.models.vit import Encoder, LayerNorm, PatchEmbedding, VisionConfig
 
 
-def _arange_f32(start: float, stop: float, step: float) -> np.ndarray:
-    """torch.arange(start, stop, step) in float32: values start + i * step computed in double."""
+TORCH_FLOAT32_LANES = 8  # torch 2.13's CPU arange float vector width, under DEFAULT, AVX2 and AVX512 alike
+
+
+def torch_arange_f32(start: float, stop: float, step: float) -> np.ndarray:
+    """torch.arange(start, stop, step) as float32 on CPU, bit for bit (checked against torch up to
+    1000 elements). torch works in double but writes pairs of 8-lane vectors, lane k of a vector
+    starting at index b being f32(f32(start + b * step) + k * step); the elements after the last
+    full pair are f32(start + i * step). The float32 rounding of b's value moves some buckets."""
     count = int(np.ceil((stop - start) / step))
-    return (np.float64(start) + np.arange(count, dtype=np.float64) * np.float64(step)).astype(np.float32)
+    index = np.arange(count)
+    lane = index % TORCH_FLOAT32_LANES
+    vector_base = (start + (index - lane) * step).astype(np.float32).astype(np.float64)
+    is_vector = index < count - count % (2 * TORCH_FLOAT32_LANES)
+    return np.where(is_vector, vector_base + lane * step, start + index * step).astype(np.float32)
+
+
+def _buckets(num_patches: int, boundaries: np.ndarray) -> np.ndarray:
+    """The remote code's bucketize(arange(0, 1 - 1e-6, 1 / n), boundaries, right=True); n comes from
+    int32 tgt_sizes, so its step 1 / n is a float32 division."""
+    step = float(np.float32(1) / np.float32(num_patches))
+    return np.searchsorted(boundaries, torch_arange_f32(0.0, 1 - 1e-6, step), side="right")
 
 
 def navit_position_ids(num_rows: int, num_cols: int, grid_size: int) -> np.ndarray:
     """Position ids int32 [num_rows * num_cols], row-major, for an image of that many patches."""
-    boundaries = _arange_f32(1 / grid_size, 1.0, 1 / grid_size)
-    rows = np.searchsorted(boundaries, _arange_f32(0, 1 - 1e-6, 1 / num_rows), side="right")
-    cols = np.searchsorted(boundaries, _arange_f32(0, 1 - 1e-6, 1 / num_cols), side="right")
+    boundaries = torch_arange_f32(1 / grid_size, 1.0, 1 / grid_size)  # a Python-float step here
+    rows, cols = _buckets(num_rows, boundaries), _buckets(num_cols, boundaries)
     return (rows[:, None] * grid_size + cols[None, :]).reshape(-1).astype(np.int32)
 
 

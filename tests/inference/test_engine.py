@@ -13,9 +13,9 @@ import pytest
 import kvjax
 from inference.engine import Engine
 from inference.scheduler import Request
-from kvjax.compressors import CompressorConfig, build_compressor
-from kvjax.presses import compute_n_kept, get_press
-from kvjax.quantization import dequantize_cache, quantize_cache
+from kvjax.compression.ccm import CompressorConfig, build_compressor
+from kvjax.compression.presses import compute_n_kept, get_press
+from kvjax.compression.int8 import dequantize_cache, quantize_cache
 
 MAX_LEN = 64
 PROMPT_LENS = (5, 17, 30, 9, 28, 12)  # two prompt buckets (16, 32): few compiles
@@ -54,7 +54,7 @@ def press():
 def engine(tiny_llama):
     model, _ = tiny_llama
     return Engine(model, page_size=PAGE_SIZE, num_pages=NUM_PAGES, max_num_seqs=4, max_model_len=MAX_LEN,
-                  prefill_batch_size=2, compress_batch_size=2, decoding_batch_size=4, eos_ids=(),
+                  prefill_batch_size=2, decoding_batch_size=4, eos_ids=(),
                   check_invariants=True)
 
 
@@ -73,15 +73,13 @@ def expected(model, cfg, prompts, max_new, method=None, image_len=0, layer_lens=
     if method is None:
         out = kvjax.generate(model, cache, tokens, lengths, max_new_tokens=max_new, eos_ids=()).tokens
     else:
-        options = {}
-        if getattr(method, "uses_prefill", False):
-            logits, cache, options["observations"] = kvjax.presses.prefill(model, cache, tokens, lengths, press=method)
-        else:
+        image_len = np.broadcast_to(np.asarray(image_len, np.int32), len(prompts))
+        if int8:  # as the engine's int8 pages: dequantized to compress, quantized again
             logits, cache = kvjax.prefill(model, cache, tokens, lengths)
-        cache = dequantize_cache(cache) if int8 else cache
-        cache = kvjax.compress(cache, method, np.broadcast_to(np.asarray(image_len, np.int32), len(prompts)),
-                               **options)
-        cache = quantize_cache(cache) if int8 else cache
+            cache = quantize_cache(kvjax.compress(dequantize_cache(cache), method, image_len))
+        else:
+            logits, cache = kvjax.prefill_and_compress(model, cache, tokens, lengths, method=method,
+                                                       image_len=image_len)
         if layer_lens is not None:
             layer_lens.append(np.asarray(cache.lengths_per_layer()))
         out = kvjax.generate_from(model, cache, logits, max_new_tokens=max_new, eos_ids=()).tokens
@@ -170,7 +168,7 @@ def test_text_prompts_and_errors(engine):
         engine.add_request(Request(prompt=list(range(3, 3 + MAX_LEN))))
 
 
-def test_presses_that_read_the_prefill_equal_presses_prefill_compress(engine, tiny_llama, prompts):
+def test_presses_that_read_the_prefill_equal_prefill_and_compress(engine, tiny_llama, prompts):
     # A 5-token prompt pads to 16 tokens but owns one page of 8: observed attention spans the padding.
     model, cfg = tiny_llama
     snapkv = get_press("snapkv", compression_ratio=0.5, window_size=4)
@@ -188,7 +186,7 @@ def test_presses_that_read_the_prefill_equal_presses_prefill_compress(engine, ti
 
 @pytest.mark.parametrize("press", [get_press("pyramidkv", compression_ratio=0.5, window_size=2),
                                    get_press("l2_compress", keep_ratio=0.5, prune_after=0, skip_layers=(0,))])
-def test_per_layer_budgets_equal_presses_prefill_compress(engine, tiny_llama, prompts, press):
+def test_per_layer_budgets_equal_prefill_and_compress(engine, tiny_llama, prompts, press):
     # Each layer keeps its own number of tokens; the sequence keeps pages for the longest layer.
     model, cfg = tiny_llama
     rows = [1, 4, 2]  # 17, 28 and 30 tokens: one prompt bucket

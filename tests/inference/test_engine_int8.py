@@ -16,8 +16,8 @@ from inference.engine import Engine
 from inference.paged_cache import PagedKVCache
 from inference.scheduler import Request
 from kvjax.models.attention import store_kv
-from kvjax.presses import get_press
-from kvjax.quantization import QuantizedArray, as_dense
+from kvjax.compression.presses import get_press
+from kvjax.cache import QuantizedArray, as_dense
 from pallas_kernels.paged_attention import PagedKV
 from tests.inference.test_engine import MAX_LEN, expected, run_staggered
 
@@ -32,7 +32,7 @@ def test_int8_pages_equal_the_dense_int8_cache(tiny_llama):
     model, cfg = tiny_llama
     # The bytes of 8 float32 pages: the int8 pool holds D * 4 / (D + 4) times as many.
     engine = Engine(model, page_size=PAGE_SIZE, kv_cache_bytes=8 * fp32_page_bytes(cfg), kv_cache_dtype="int8",
-                    max_num_seqs=4, max_model_len=MAX_LEN, prefill_batch_size=2, compress_batch_size=2,
+                    max_num_seqs=4, max_model_len=MAX_LEN, prefill_batch_size=2,
                     decoding_batch_size=4, eos_ids=(), check_invariants=True)
     assert engine.allocator.num_pages == 8 * cfg.head_dim * 4 // (cfg.head_dim + 4)
     assert isinstance(engine.runner.cache.k_pages, QuantizedArray)

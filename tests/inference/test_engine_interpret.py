@@ -14,7 +14,7 @@ import kvjax
 
 from inference.engine import Engine
 from inference.scheduler import Request
-from kvjax.presses import get_press
+from kvjax.compression.presses import get_press
 from tests.conftest import write_hf_model
 
 
@@ -28,7 +28,7 @@ def model(tmp_path_factory):
 def outputs(model, requests):
     jax.clear_caches()  # kernels are picked when a step is traced: retrace under the current mode
     engine = Engine(model, page_size=16, num_pages=4, max_num_seqs=2, max_model_len=32, prefill_batch_size=2,
-                    compress_batch_size=2, decoding_batch_size=2, eos_ids=())
+                    decoding_batch_size=2, eos_ids=())
     return [r.token_ids for r in engine.generate(requests)]
 
 

@@ -10,8 +10,8 @@ import pytest
 import kvjax
 from inference.engine import Engine
 from inference.scheduler import Request
-from kvjax.compressor_checkpoint import compressor_for
-from kvjax.multimodal import embed_prompt, image_prefix_len, pack
+from kvjax.compression.ccm import CompressorConfig, build_compressor
+from kvjax.vision.prompt import embed_prompt, image_prefix_len, pack
 
 MAX_LEN, MAX_NEW = 64, 6
 
@@ -20,7 +20,7 @@ MAX_LEN, MAX_NEW = 64, 6
 def vlm(tmp_path_factory):
     """(model, cfg, tokens [2, T], lengths [2], embeds [2, T, H], image_len [2]): two prompts with
     text around the image; 30 and 28 tokens, so each owns 4 pages of 8 before decoding."""
-    from kvjax.demo_vlm import write_vlm_checkpoint
+    from kvjax.testing.vlm import write_vlm_checkpoint
 
     path = write_vlm_checkpoint(tmp_path_factory.mktemp("vlm") / "llava", "llava", init_std=0.1)
     model, _, cfg = kvjax.load(path, dtype="float32", tokenizer=False)
@@ -53,10 +53,10 @@ def reference(vlm, method):
 
 def test_image_requests_equal_generate_and_ccm_compress(vlm):
     model, cfg, _, lengths, _, _ = vlm
-    compressor = compressor_for(cfg.text, compression_factor=4)
+    compressor = build_compressor(CompressorConfig.for_model(cfg.text, compression_factor=4))
     # 8 pages: both prompts fit (4 + 4), the first decode past slot 32 needs a 9th -> preemption.
     engine = Engine(model, page_size=8, num_pages=8, max_num_seqs=2, max_model_len=MAX_LEN, prefill_batch_size=2,
-                    compress_batch_size=2, decoding_batch_size=2, eos_ids=(), check_invariants=True)
+                    decoding_batch_size=2, eos_ids=(), check_invariants=True)
     plain = engine.generate(requests(vlm))
     ccm = engine.generate(requests(vlm, compression=compressor))
     want, want_ccm = (reference(vlm, method) for method in (None, compressor))

@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import kvjax
-from kvjax.multimodal import embed_prompt, image_prefix_len, pack
+from kvjax.vision.prompt import embed_prompt, image_prefix_len, pack
 
 IMAGE_TOKEN = 120
 NUM_IMAGE_TOKENS = 9  # (42 / 14)^2, CLS dropped
@@ -123,17 +123,16 @@ def test_demo_checkpoint_matches_transformers_and_batches_pairs(tmp_path):
     pairs of different lengths in one prefill equals each pair alone."""
     import transformers
 
-    from kvjax.demo_vlm import write_vlm_checkpoint
-    from kvjax.images import clip_pixel_values, load_clip_processor
-    from kvjax.multimodal import build_llava_prompts
+    from kvjax.testing.vlm import write_vlm_checkpoint
+    from kvjax.vision import prompter_for
 
     path = write_vlm_checkpoint(tmp_path / "demo", "llava", init_std=0.1)
     model, tok, cfg = kvjax.load(path, dtype="float32")
-    pixels = clip_pixel_values([pathlib.Path(__file__).parents[2] / "assets" / "sample.png"],
-                               load_clip_processor(path), cfg.vision.image_size)
+    prompter = prompter_for(model, tok, cfg, path)
+    pixels = prompter.pixels(pathlib.Path(__file__).parents[2] / "assets" / "sample.png")[None]
     noise = np.random.default_rng(0).standard_normal(pixels.shape[1:]).astype(np.float32)
     questions = ["What is in the picture?", "Describe the boat, the sea and the lighthouse in detail."]
-    batch = build_llava_prompts(model, tok, questions, [pixels[0], noise])
+    batch = prompter.build(questions, [pixels[0], noise])
     ids = tok("USER: <image>\nWhat is in the picture? ASSISTANT:")["input_ids"]
     start = ids.index(cfg.image_token_id)
     np.testing.assert_array_equal(batch.image_len, [start + cfg.num_image_tokens] * 2)
@@ -143,7 +142,7 @@ def test_demo_checkpoint_matches_transformers_and_batches_pairs(tmp_path):
                               embeds=batch.embeds)
     torch_model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
     for b, px in enumerate([pixels[0], noise]):
-        one = build_llava_prompts(model, tok, questions[b:b + 1], [px])
+        one = prompter.build(questions[b:b + 1], [px])
         alone, _ = kvjax.prefill(lm, kvjax.KVCache.for_model(cfg.text, 1, 128), one.tokens, one.lengths,
                                  embeds=one.embeds)
         np.testing.assert_allclose(np.asarray(logits)[b], np.asarray(alone)[0], atol=1e-5, rtol=0)

@@ -12,7 +12,7 @@ from flax import nnx
 import kvjax
 from kvjax.errors import CheckpointError
 from kvjax.loading import fill_module
-from kvjax.minicpmv_prompt import build_minicpmv_prompts, chat_ids, image_bounds, preprocess
+from kvjax.vision.minicpmv import MiniCPMVPrompter, chat_ids, image_bounds, preprocess
 from kvjax.models.minicpmv import MiniCPMVConfig, Resampler
 
 SAMPLE = "assets/sample.png"
@@ -122,7 +122,7 @@ RESAMPLER_26 = {"query": (64, 3584), "kv_proj.weight": (3584, 1152), "attn.in_pr
 
 
 def test_config_and_resampler_shapes_match_the_26_checkpoint(tmp_path):
-    from kvjax.vlm_loading import _qwen2_text_config
+    from kvjax.loading.minicpmv import _qwen2_text_config
 
     cfg = MiniCPMVConfig.from_config_json(MINICPMV_26, _qwen2_text_config(tmp_path, MINICPMV_26))
     assert (cfg.query_num, cfg.resampler_heads, cfg.max_slice_nums, cfg.scale_resolution) == (64, 28, 9, 448)
@@ -138,9 +138,24 @@ def test_config_and_resampler_shapes_match_the_26_checkpoint(tmp_path):
     assert MiniCPMVConfig(text=cfg.text, vision=cfg.vision).query_num == 64  # the default
 
 
+def test_preprocessor_config_slicing_wins_over_slice_config(tmp_path):
+    """The original processor slices by preprocessor_config.json; config.json's slice_config is the fallback."""
+    from kvjax.loading.minicpmv import _qwen2_text_config
+
+    config = {**MINICPMV_26, "slice_config": {"max_slice_nums": 9, "scale_resolution": 448, "patch_size": 16}}
+    text = _qwen2_text_config(tmp_path, config)
+    preprocessor = {"max_slice_nums": 4, "scale_resolution": 336, "patch_size": 14, "image_feature_size": 32}
+    cfg = MiniCPMVConfig.from_config_json(config, text, preprocessor=preprocessor)
+    assert (cfg.max_slice_nums, cfg.scale_resolution, cfg.patch_size, cfg.query_num) == (4, 336, 14, 64)
+    partial = MiniCPMVConfig.from_config_json(config, text, preprocessor={"max_slice_nums": 1, "patch_size": 14})
+    assert (partial.max_slice_nums, partial.scale_resolution) == (1, 448)
+    with pytest.raises(kvjax.KVJaxError, match="patch_size 16"):  # slice_config alone: its patch_size is used
+        MiniCPMVConfig.from_config_json(config, text)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from kvjax.demo_vlm import write_vlm_checkpoint
+    from kvjax.testing.vlm import write_vlm_checkpoint
 
     home = tmp_path_factory.mktemp("kvjax_home")
     path = write_vlm_checkpoint(home / "demo-minicpmv", "minicpmv", init_std=0.1)
@@ -177,8 +192,8 @@ def test_features_fill_the_image_bounds_and_image_len_counts_text_around_them(de
     image = preprocess(SAMPLE, cfg)
     conversation = [{"role": "system", "content": "You describe pictures."},  # text before the image
                     {"role": "user", "content": "What is in this picture? Answer briefly."}]
-    prompt = build_minicpmv_prompts(model, tokenizer, [conversation, "hello", conversation],
-                                    [image, None, image])
+    prompt = MiniCPMVPrompter(model, tokenizer, cfg).build([conversation, "hello", conversation],
+                                                            [image, None, image])
     ids, mask = chat_ids(tokenizer, cfg, conversation, image)
     bounds = image_bounds(ids, tokenizer)
     assert len(bounds) == len(image.strips) == 1 + image.grid[0] * image.grid[1]

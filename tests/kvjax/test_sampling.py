@@ -36,6 +36,20 @@ def test_temperature_sampling_follows_the_distribution():
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.04)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits(temperature):
+    """Frequencies of 4000 draws per row follow softmax(logits / T): a chi-square below 25 (3 degrees
+    of freedom: p ~ 1e-5 by chance); softmax(logits) instead (T ignored) scores over 200."""
+    n = 4000
+    logits = jnp.tile(LOGITS, (n, 1))  # rows alternate LOGITS[0], LOGITS[1]: one call, independent draws
+    got = np.asarray(sample(logits, jax.random.key(1), Sampling(temperature=temperature))).reshape(n, 2)
+    for row in range(2):
+        want = n * np.asarray(jax.nn.softmax(LOGITS[row] / temperature))
+        counts = np.bincount(got[:, row], minlength=4)
+        chi2 = float(((counts - want) ** 2 / want).sum())
+        assert chi2 < 25, (temperature, row, counts, want.round())
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)])
 def test_bad_sampling_values_are_rejected(kwargs):
     with pytest.raises(KVJaxError):

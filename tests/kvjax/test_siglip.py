@@ -1,5 +1,5 @@
 """SigLIP tower equals transformers' SiglipVisionModel; NaViT position ids equal the remote code's
-float32 bucketing; padded batches of different-size images equal each image alone."""
+float32 torch bucketing exactly; padded batches of different-size images equal each image alone."""
 
 import numpy as np
 import pytest
@@ -11,29 +11,42 @@ from kvjax.models.siglip import SiglipVisionTower, batch_strips, navit_position_
 from kvjax.models.vit import VisionConfig
 
 
-def torch_position_ids(nb_h, nb_w, grid, dtype=torch.float64):
-    """MiniCPM-V's modeling_navit_siglip bucketing, with torch as the remote code does it. Its
-    float32 CPU arange rounds by SIMD width (vector lanes add the step in float32); the double
-    arange cast to float32 is the rounding kvjax reproduces, machine-independently."""
-    boundaries = torch.arange(1 / grid, 1.0, 1 / grid, dtype=dtype).float()
-    frac_h = torch.arange(0, 1 - 1e-6, 1 / nb_h, dtype=dtype).float()
-    frac_w = torch.arange(0, 1 - 1e-6, 1 / nb_w, dtype=dtype).float()
-    bucket_h = torch.bucketize(frac_h, boundaries, right=True)
-    bucket_w = torch.bucketize(frac_w, boundaries, right=True)
-    return (bucket_h[:, None] * grid + bucket_w).flatten().numpy()
+def torch_position_ids(nb_h, nb_w, grid):
+    """modeling_navit_siglip's bucketing as the remote code runs it: int32 tgt_sizes, so 1 / nb is
+    float32, and torch's own float32 CPU arange."""
+    tgt_sizes = torch.tensor([[nb_h, nb_w]], dtype=torch.int32)
+    boundaries = torch.arange(1 / grid, 1.0, 1 / grid)
+    nb_patches_h, nb_patches_w = tgt_sizes[0][0], tgt_sizes[0][1]
+    fractional_coords_h = torch.arange(0, 1 - 1e-6, 1 / nb_patches_h)
+    fractional_coords_w = torch.arange(0, 1 - 1e-6, 1 / nb_patches_w)
+    bucket_coords_h = torch.bucketize(fractional_coords_h, boundaries, right=True)
+    bucket_coords_w = torch.bucketize(fractional_coords_w, boundaries, right=True)
+    return (bucket_coords_h[:, None] * grid + bucket_coords_w).flatten().numpy()
 
 
-def test_navit_position_ids_match_torch_bucketize():
-    num_off = 0
+@pytest.mark.parametrize("grid", [70, 4])
+def test_navit_position_ids_equal_the_remote_code_for_every_grid(grid):
+    """Every (h, w) patch grid up to 70x70, no tolerance: the model was trained on these ids."""
     for nb_h in range(1, 71):
-        nb_w = 71 - nb_h
-        ours = navit_position_ids(nb_h, nb_w, 70)
-        np.testing.assert_array_equal(ours, torch_position_ids(nb_h, nb_w, 70), err_msg=f"{nb_h}x{nb_w}")
-        plain = torch_position_ids(nb_h, nb_w, 70, dtype=torch.float32)  # remote code on this CPU
-        assert np.abs(ours - plain).max() <= 70  # at most one bucket row or column apart
-        num_off += int((ours != plain).sum())
-    assert num_off <= 0.02 * sum(h * (71 - h) for h in range(1, 71))
-    np.testing.assert_array_equal(navit_position_ids(70, 70, 70), np.arange(4900))
+        for nb_w in range(1, 71):
+            np.testing.assert_array_equal(navit_position_ids(nb_h, nb_w, grid), torch_position_ids(nb_h, nb_w, grid),
+                                          err_msg=f"{nb_h}x{nb_w} patches, grid {grid}")
+    np.testing.assert_array_equal(navit_position_ids(grid, grid, grid), np.arange(grid * grid))
+
+
+def test_navit_buckets_equal_the_remote_code_up_to_100():
+    """One side at a time (ids = row bucket * grid), every patch count and grid size up to 100."""
+    for grid in range(1, 101):
+        for nb in range(1, 101):
+            np.testing.assert_array_equal(navit_position_ids(nb, 1, grid), torch_position_ids(nb, 1, grid),
+                                          err_msg=f"{nb} patches, grid {grid}")
+
+
+def test_navit_position_ids_known_float32_case():
+    """25 patches on the 70 grid: the float32 arange puts rows 5, 10, 15, 20 one bucket lower
+    than exact arithmetic (floor(k * 70 / 25) = 14, 28, 42, 56)."""
+    rows = navit_position_ids(25, 1, 70) // 70
+    assert rows[[5, 10, 15, 20]].tolist() == [13, 27, 41, 55]
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from pallas_kernels import _dispatch
 from pallas_kernels.ccm_compress import (CCMWeights, GroupMLP, ccm_compress, ccm_compress_pallas,
                                          ccm_compress_reference)
 from tests.pallas_kernels._util import assert_close, fast_jit, normal, poison_past
+from tests.pallas_kernels.ccm_loop import naive_ccm
 
 # (layers, batch, heads, max_len, head_dim, cf, min_seq_len, image MLPs, dtype, kv_len, image_len)
 # Spans cover: compressed with leftovers, too short (fallback), empty, whole cache, image-only.
@@ -33,24 +35,56 @@ def _weights(rng, layers, cf, head_dim, dtype, has_image):
     return CCMWeights(mlp(), mlp(), *((mlp(), mlp()) if has_image else ()))
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "l{}b{}h{}s{}d{}cf{}".format(*c[:6]))
-def test_pallas_equals_reference_in_place(case):
-    layers, batch, heads, max_len, head_dim, cf, min_seq_len, has_image, dtype, lengths, image = case
-    rng = np.random.default_rng(sum(case[:7]))
+@functools.cache
+def run_case(index: int):
+    """CASES[index] through the interpreted kernel and the reference, once per process:
+    -> (inputs k, v as numpy, weights, kernel (k, v, new_len), reference (k, v, new_len))."""
+    layers, batch, heads, max_len, head_dim, cf, min_seq_len, has_image, dtype, lengths, image = CASES[index]
+    rng = np.random.default_rng(sum(CASES[index][:7]))
     k, v = (poison_past(normal(rng, (layers, batch, heads, max_len, head_dim), dtype), lengths, 1, 3)
             for _ in range(2))
     weights = _weights(rng, layers, cf, head_dim, dtype, has_image)
     args = (jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths, jnp.int32), jnp.asarray(image, jnp.int32))
     statics = dict(cf=cf, min_seq_len=min_seq_len)
-    out_k, out_v, new_len = fast_jit(functools.partial(ccm_compress_pallas, **statics, block_n=16,
-                                                       interpret=True))(*args, weights)
-    ref_k, ref_v, ref_len = fast_jit(functools.partial(ccm_compress_reference, **statics))(*args, weights)
+    out = fast_jit(functools.partial(ccm_compress_pallas, **statics, block_n=16, interpret=True))(*args, weights)
+    ref = fast_jit(functools.partial(ccm_compress_reference, **statics))(*args, weights)
+    return k, v, weights, jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref)
+
+
+CASE_IDS = ["l{}b{}h{}s{}d{}cf{}".format(*c[:6]) for c in CASES]
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_pallas_equals_reference_in_place(index):
+    dtype = CASES[index][8]
+    k, v, _, (out_k, out_v, new_len), (ref_k, ref_v, ref_len) = run_case(index)
     np.testing.assert_array_equal(new_len, ref_len)
     for got, want, before in zip((out_k, out_v), (ref_k, ref_v), (k, v)):
-        got, want = np.asarray(got), np.asarray(want)
-        for b, n in enumerate(np.asarray(new_len)):
+        for b, n in enumerate(new_len):
             assert_close(got[:, b, :, :n], want[:, b, :, :n], dtype)
             assert got[:, b, :, n:].tobytes() == before[:, b, :, n:].tobytes(), "slots past new_len changed"
+
+
+# Case 1's third row keeps a 40-token image (no image MLPs) and compresses 56 text tokens: 60 slots,
+# past num_out_slots' static bound of 36, so ccm_plan never writes slots 40..59 (the kernel and the
+# reference share that plan and agree; `kvjax.compress` with image_mode='keep' shows it too).
+KNOWN_PLAN_BUG = pytest.mark.xfail(strict=True, reason="ccm_plan: num_out_slots ignores an image span kept "
+                                   "whole without image MLPs (lead: fix pallas_kernels/ccm_compress.py)")
+
+
+@pytest.mark.parametrize("index", [pytest.param(i, marks=KNOWN_PLAN_BUG if i == 1 else ()) for i in range(len(CASES))],
+                         ids=CASE_IDS)
+def test_pallas_and_reference_equal_the_numpy_loop(index):
+    """The reference shares the kernel's `ccm_plan`; the numpy loop shares nothing, so a plan bug
+    (group counts, fallbacks, leftovers, output bound) shows here."""
+    _, _, _, cf, min_seq_len, _, dtype, lengths, image = CASES[index][2:]
+    k, v, weights, (out_k, out_v, new_len), (ref_k, ref_v, ref_len) = run_case(index)
+    loop_k, loop_v, loop_len = naive_ccm(k, v, lengths, image, jax.tree.map(np.asarray, weights), cf, min_seq_len)
+    np.testing.assert_array_equal(new_len, loop_len)
+    np.testing.assert_array_equal(ref_len, loop_len)
+    for got, want in zip((out_k, out_v, ref_k, ref_v), (loop_k, loop_v) * 2):
+        for b, n in enumerate(loop_len):
+            assert_close(got[:, b, :, :n], want[:, b, :, :n], dtype)
 
 
 def test_dispatcher_falls_back_for_odd_head_dim():

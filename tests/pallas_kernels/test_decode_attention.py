@@ -108,7 +108,7 @@ def test_whole_cache_with_layer_reads_that_layer():
 def test_int8_cache_is_dequantized_in_the_kernel(dtype, layer):
     # int8 values + float32 scales (kvjax.quantization's layout): the kernel reading int8 blocks
     # equals the reference, and the reference equals attention over the dequantized cache.
-    from kvjax.quantization import dequantize, kernel_operands, quantize
+    from kvjax.cache import dequantize, kernel_operands, quantize
 
     rng = np.random.default_rng(11)
     batch, num_kv_heads, group, head_dim, max_len = 3, 2, 2, 32, 128

@@ -164,7 +164,7 @@ def test_cached_attention_sends_paged_decode_to_the_kernel(monkeypatch):
 def test_int8_pages_are_dequantized_in_the_kernel():
     # int8 pages with per-slot scales (the engine's kv_cache_dtype="int8"), a layer axis read in
     # place: kernel == reference == the reference over the dequantized pool.
-    from kvjax.quantization import dequantize, kernel_operands, quantize
+    from kvjax.cache import dequantize, kernel_operands, quantize
 
     rng = np.random.default_rng(13)
     kv_len = np.asarray([0, 40, 64], np.int32)

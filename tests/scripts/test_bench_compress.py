@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_compress.py"
 
 
 def test_reports_times_and_bytes(tmp_path):
-    from kvjax import demo
+    from kvjax.testing import text as demo
 
     model_dir = demo.write_checkpoint(tmp_path / "tiny", arch="llama")
     env = dict(os.environ, JAX_PLATFORMS="cpu")

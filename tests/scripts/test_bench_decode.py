@@ -21,7 +21,7 @@ def run_bench(*flags, cwd) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from kvjax import demo
+    from kvjax.testing import text as demo
 
     return demo.write_checkpoint(tmp_path_factory.mktemp("bench") / "tiny-llama", arch="llama")
 

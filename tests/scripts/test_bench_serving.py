@@ -13,7 +13,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def test_reports_serving_metrics_per_variant(tmp_path, monkeypatch, capsys):
-    from kvjax import demo
+    from kvjax.testing import text as demo
 
     model_dir = demo.write_checkpoint(tmp_path / "tiny", arch="llama")
     monkeypatch.syspath_prepend(str(SCRIPTS))
@@ -26,7 +26,7 @@ def test_reports_serving_metrics_per_variant(tmp_path, monkeypatch, capsys):
                                "--req-per-sec", "0", "--max-new-tokens", "3", "--variants", "baseline,ccm+int8",
                                "--image-kv-len", "24", "--compression-factor", "4", "--page-size", "8",
                                "--kv-cache-bytes", "65536", "--max-num-seqs", "4", "--prefill-batch-size", "4",
-                               "--compress-batch-size", "4", "--decoding-batch-size", "4", "--no-warmup",
+                               "--decoding-batch-size", "4", "--no-warmup",
                                "--json", "out.json", "--quiet"])
     assert code == 0
     report = json.loads((tmp_path / "out.json").read_text())

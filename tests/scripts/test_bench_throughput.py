@@ -12,7 +12,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def test_byte_budget_buys_int8_pages_and_a_larger_batch(tmp_path, monkeypatch, capsys):
-    from kvjax import demo
+    from kvjax.testing import text as demo
 
     model_dir = demo.write_checkpoint(tmp_path / "tiny", arch="llama")
     monkeypatch.syspath_prepend(str(SCRIPTS))

@@ -28,7 +28,7 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture(scope="session")
 def tiny_train_setup(tmp_path_factory):
     """-> (model_dir, data_path, home); KVJAX_HOME points at a temporary directory."""
-    from kvjax import demo
+    from kvjax.testing import text as demo
 
     home = tmp_path_factory.mktemp("kvjax_home")
     with pytest.MonkeyPatch.context() as mp:

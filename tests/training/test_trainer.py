@@ -13,7 +13,7 @@ from tests.training.conftest import SHARED, assert_every_layer_moved, tiny_confi
 
 
 def _params(path):
-    from kvjax.compressor_checkpoint import load_compressor
+    from kvjax.compression.checkpoint import load_compressor
 
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_compressor(path), nnx.Param)))
 

@@ -11,7 +11,7 @@ from tests.training.conftest import assert_every_layer_moved
 
 
 def test_llava_demo_training_trains_the_image_mlps(tiny_train_setup, tmp_path):
-    from kvjax.compressor_checkpoint import load_compressor
+    from kvjax.compression.checkpoint import load_compressor
     from training.config import TrainConfig
     from training.trainer import Trainer
 
@@ -29,7 +29,7 @@ def test_llava_demo_training_trains_the_image_mlps(tiny_train_setup, tmp_path):
 
 
 def test_unreadable_image_names_file_and_entry(tiny_train_setup, tmp_path, capsys):
-    from kvjax.train import main
+    from kvjax.cli.train import main
 
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "ok.png").write_bytes(b"not a png")
