@@ -20,6 +20,7 @@ import numpy as np
 
 from kvjax.cache import KVCache
 from kvjax.compression import prefill_and_compress, steps_of
+from kvjax.compression.ccm import CCMCompressor
 from kvjax.compression.presses import Press
 from kvjax.errors import KVJaxError
 from kvjax.prompts import bucket, encode_chat
@@ -70,8 +71,8 @@ class ChatSession:
             raise KVJaxError(f"protect must be one of {', '.join(PROTECT)}, got {self.protect!r}")
         has_press = any(isinstance(s, Press) for s in steps_of(self.method))
         if self.protect != "none" and not has_press:
-            raise KVJaxError(f"protecting the {self.protect} applies to presses: add a press (e.g. --press knorm) "
-                             "or drop the protection (--press-protect none)")
+            raise KVJaxError(f"protecting the {self.protect} applies to presses: add --press NAME (e.g. --press "
+                             "knorm) or drop --press-protect")
         self.eos_ids = tuple(sorted(set(self.cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
 
@@ -135,6 +136,12 @@ class ChatSession:
             rope_positions=self.rope_positions)
         stats.kv_len, stats.kv_bytes_after = int(cache.kv_len[0]), int(cache.used_bytes()[0])  # syncs
         stats.prefill_s = time.perf_counter() - start
+        ccm = next((step for step in steps_of(self.method) if isinstance(step, CCMCompressor)), None)
+        if ccm is not None and stats.kv_len == num:
+            cf, groups = ccm.cfg.compression_factor, ccm.cfg.min_seq_len
+            stats.notes.append(f"the compressor merged nothing: each span (image {image_len}, text {num - image_len} "
+                               f"tokens) is shorter than min_seq_len = {groups} groups of {cf} tokens; lower "
+                               "--kv-compress-factor or --kv-compress-min-seq-len")
         if self.protect in ("image", "both") and image_len + question_len > stats.kv_len:
             stats.notes.append(f"the image ({image_len} tokens) exceeds the {stats.kv_len - question_len} context "
                                "tokens kept; part of it was dropped: lower --compression-ratio")

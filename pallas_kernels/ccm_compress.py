@@ -55,8 +55,11 @@ class CCMPlan(NamedTuple):
     new_len: jax.Array  # int32 [B]
 
 
-def num_out_slots(max_len: int, cf: int, min_seq_len: int) -> int:
-    """A static bound N on the compressed length of any row (the output prefix to write)."""
+def num_out_slots(max_len: int, cf: int, min_seq_len: int, compress_image: bool = True) -> int:
+    """A static bound N on the compressed length of any row (the output prefix to write). An image
+    span kept whole (no image MLPs) may fill the cache, so then the bound is max_len."""
+    if not compress_image:
+        return max_len
     # A span of length n keeps at most n // cf + extra slots: cf - 1 leftovers when it is
     # compressed, or all of it (< min_seq_len * cf) when it falls back. Two spans share max_len.
     below = max(min_seq_len * cf - 1, 0)
@@ -85,7 +88,7 @@ def ccm_plan(kv_len, image_len, max_len: int, cf: int, min_seq_len: int, compres
     group_start = jnp.where(is_image, g * cf, image_len[:, None] + (g - n_img[:, None]) * cf)
     group_start = jnp.clip(group_start, 0, max_len - cf)  # unused groups read something valid
 
-    j = jnp.arange(num_out_slots(max_len, cf, min_seq_len), dtype=jnp.int32)[None, :]
+    j = jnp.arange(num_out_slots(max_len, cf, min_seq_len, compress_image), dtype=jnp.int32)[None, :]
     n_img, r_img, n_txt = n_img[:, None], r_img[:, None], n_txt[:, None]
     after_img = j - n_img - r_img  # index within the text part
     src = jnp.where(j < n_img, max_len + j,

@@ -26,31 +26,42 @@ from pallas_kernels._splitk import (MASK_VALUE, MIN_DOT, TARGET_PROGRAMS, decode
 
 
 
+def attention_reference(
+    q: jax.Array,  # [B, T, Hq, D]
+    k: jax.Array,  # [B, Hkv, S, D]
+    v: jax.Array,  # [B, Hkv, S, D]
+    visible_len: jax.Array,  # int32 [B, T]: query (b, t) reads slots [0, visible_len[b, t])
+) -> jax.Array:  # [B, T, Hq, D], q.dtype
+    """GQA attention of T queries per row over a dense cache, the definition every path equals: as
+    HF's eager attention, the matmuls in the input dtype, the mask and softmax in float32."""
+    batch, num_new, num_heads, head_dim = q.shape
+    num_kv_heads, max_len = k.shape[1], k.shape[2]
+    qg = q.reshape(batch, num_new, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    visible = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] < visible_len[:, :, None]  # [B, T, S]
+    scores = jnp.einsum("bthgd,bhsd->bhgts", qg, k).astype(jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    v = jnp.where(visible.any(axis=1)[:, None, :, None], v, jnp.zeros((), v.dtype))  # 0 * NaN padding is NaN
+    out = jnp.einsum("bhgts,bhsd->bthgd", probs, v)
+    out = jnp.where((visible_len > 0)[:, :, None, None, None], out, jnp.zeros((), out.dtype))
+    return out.reshape(batch, num_new, num_heads, head_dim).astype(q.dtype)
+
+
 def decode_attention_reference(
     q: jax.Array,  # [B, Hq, D]
     k: jax.Array,  # [B, Hkv, S, D]
     v: jax.Array,  # [B, Hkv, S, D]
     kv_len: jax.Array,  # int32 [B]: slots [0, kv_len) are attended
     layer: int | None = None,  # given: k, v are [L, B, Hkv, S, D]
-    k_scales: jax.Array | None = None,  # float32, k.shape[:-1]: k and v are int8 (kvjax.quantization)
+    k_scales: jax.Array | None = None,  # float32, k.shape[:-1]: k and v are int8 (kvjax.cache.QuantizedArray)
     v_scales: jax.Array | None = None,
 ) -> jax.Array:  # [B, Hq, D], q.dtype
-    """The definition: the matmuls in the input dtype, the softmax in float32 (as cached_attention)."""
+    """The definition: `attention_reference` of one query per row (int8 K/V dequantized first)."""
     if layer is not None:
         k, v = k[layer], v[layer]
         k_scales, v_scales = (None if x is None else x[layer] for x in (k_scales, v_scales))
     k, v = dequantize(k, k_scales, q.dtype), dequantize(v, v_scales, q.dtype)
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads, max_len = k.shape[1], k.shape[2]
-    qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    visible = jnp.arange(max_len, dtype=jnp.int32)[None, :] < kv_len[:, None]  # [B, S]
-    scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k).astype(jnp.float32) * (head_dim ** -0.5)
-    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    v = jnp.where(visible[:, None, :, None], v, jnp.zeros((), v.dtype))  # 0 * NaN padding would be NaN
-    out = jnp.einsum("bhgs,bhsd->bhgd", probs, v)
-    out = jnp.where((kv_len > 0)[:, None, None, None], out, jnp.zeros((), out.dtype))
-    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+    return attention_reference(q[:, None], k, v, kv_len[:, None])[:, 0]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from inference.engine import Engine
 from inference.scheduler import Request
-from kvjax.compression.checkpoint import compressor_for
+from kvjax.compression.ccm import CompressorConfig, build_compressor
 from kvjax.compression.presses import get_press
 
 
@@ -138,8 +138,9 @@ def make_method(name: str, cfg, args):
     if name == "baseline":
         return None
     if name == "ccm":
-        return compressor_for(cfg, compression_factor=args.compression_factor, min_seq_len=args.min_seq_len,
-                              dtype=args.dtype)  # random decoupled: speed does not depend on weights
+        return build_compressor(CompressorConfig.for_model(
+            cfg, compression_factor=args.compression_factor, min_seq_len=args.min_seq_len,
+            dtype=args.dtype))  # random decoupled: speed does not depend on weights
     press, _, ratio = name.partition(":")
     try:
         return get_press(press, compression_ratio=float(ratio or 0.5))

@@ -23,7 +23,7 @@ from kvjax.errors import CheckpointError, KVJaxError
 from kvjax.loading import read_config_json
 
 # torch names the global a weights-only load refused: "unsupported GLOBAL posix.system whose module ..."
-_REFUSED_GLOBAL = re.compile(r"(?:GLOBAL|global:?)\s+([\w.]+)")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
 _KEY = re.compile(r"^compress_(tk|tv|ik|iv)\.(\d+)\.([036])\.(weight|bias)$")
 _IGNORED = re.compile(r"^attention\.\d+\.(weight|bias)$")
 _SETS = {"tk": "text_k", "tv": "text_v", "ik": "image_k", "iv": "image_v"}

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import pathlib
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp

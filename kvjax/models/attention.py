@@ -8,13 +8,12 @@ positions differ from their lengths (after compression).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from kvjax.cache import as_dense, kernel_operands, read_layer, store
 from pallas_kernels._dispatch import kernel_mode
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention import attention_reference, decode_attention
 from pallas_kernels.paged_attention import PagedKV, paged_attention
-from pallas_kernels._splitk import MASK_VALUE  # large finite negative: a fully masked row gives no NaN
+from pallas_kernels._splitk import MASK_VALUE  # noqa: F401 (re-exported: large finite negative, no NaN rows)
 
 
 def cached_attention(
@@ -24,8 +23,8 @@ def cached_attention(
     visible_len: jax.Array,  # int32 [B, T]: query (b, t) reads slots [0, visible_len[b, t])
     layer: int | None = None,  # given: k, v are the whole cache [L, B, Hkv, S, D]
 ) -> jax.Array:  # [B, T, Hq, D]
-    """GQA softmax attention. As in HF's eager attention, the two matmuls run in the input dtype
-    (accumulating in float32 on accelerators) and the mask and softmax in float32.
+    """GQA softmax attention (`pallas_kernels.decode_attention.attention_reference` on CPU and for
+    prefill: the matmuls in the input dtype, the mask and softmax in float32, as HF's eager attention).
     Passing the whole cache with `layer` lets the decode kernel read the layer in place.
     k, v may be `PagedKV` views (inference/'s paged cache): decode reads through the page table
     (int8 pages: gathered and dequantized, as the dense int8 cache)."""
@@ -44,16 +43,7 @@ def cached_attention(
         return decode_attention(q[:, 0], k_values, v_values, visible_len[:, 0], layer, k_scales, v_scales)[:, None]
     if layer is not None:  # an int8 cache is dequantized here (kvjax.quantization)
         k, v = read_layer(k, layer), read_layer(v, layer)
-    num_kv_heads, max_len = k.shape[1], k.shape[2]
-    groups = num_heads // num_kv_heads
-    q = q.reshape(batch, num_new, num_kv_heads, groups, head_dim)
-    scores = jnp.einsum("bthgd,bhsd->bhgts", q, k).astype(jnp.float32) * (head_dim ** -0.5)
-    slots = jnp.arange(max_len, dtype=jnp.int32)
-    visible = slots[None, None, :] < visible_len[:, :, None]  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgts,bhsd->bthgd", probs, v)
-    return out.reshape(batch, num_new, num_heads, head_dim)
+    return attention_reference(q, k, v, visible_len).astype(v.dtype)
 
 
 def store_kv(cache_x, layer: int, rows, slots, new: jax.Array):

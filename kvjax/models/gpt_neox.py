@@ -20,7 +20,7 @@ from flax import nnx
 
 from kvjax.config import ModelConfig
 from kvjax.models.attention import cached_attention, store_kv
-from kvjax.models.layers import apply_rope, rope_frequencies
+from kvjax.models.layers import apply_rope, rope_frequencies, run_layers
 from kvjax.models.llama import _linear
 from kvjax.models.vit import LayerNorm, activation
 
@@ -147,12 +147,8 @@ class GPTNeoXForCausalLM(nnx.Module):
         """embeds [B, T, H] -> final hidden states [B, T, H] and the updated cache arrays.
         write_slots, visible_len: int32 [B, T], or [L, B, T] when layers hold different lengths.
         tap(layer, attention, h [B, T, H]) is called with each layer's attention input if given."""
-        x = embeds
-        per_layer = write_slots.ndim == 3
-        for layer, block in enumerate(self.gpt_neox.layers):
-            x, cache_k, cache_v = block(x, positions, cache_k, cache_v, layer,
-                                        write_slots[layer] if per_layer else write_slots,
-                                        visible_len[layer] if per_layer else visible_len, tap)
+        x, cache_k, cache_v = run_layers(self.gpt_neox.layers, embeds, positions, cache_k, cache_v, write_slots,
+                                         visible_len, tap)
         return self.gpt_neox.final_layer_norm(x), cache_k, cache_v
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -91,3 +91,15 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: 
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     x = x * cos + rotated * sin
     return jnp.concatenate([x, x_pass], axis=-1) if x_pass.shape[-1] else x
+
+
+def run_layers(layers, x, positions, cache_k, cache_v, write_slots, visible_len, tap=None):
+    """Run decoder blocks over the cache: block(x, positions, cache_k, cache_v, layer, write_slots,
+    visible_len, tap) -> (x, cache_k, cache_v). write_slots, visible_len: int32 [B, T], or
+    [L, B, T] when layers hold different lengths (per-layer budgets)."""
+    per_layer = write_slots.ndim == 3
+    for layer, block in enumerate(layers):
+        x, cache_k, cache_v = block(x, positions, cache_k, cache_v, layer,
+                                    write_slots[layer] if per_layer else write_slots,
+                                    visible_len[layer] if per_layer else visible_len, tap)
+    return x, cache_k, cache_v

@@ -13,7 +13,7 @@ from flax import nnx
 
 from kvjax.config import ModelConfig
 from kvjax.models.attention import cached_attention, store_kv
-from kvjax.models.layers import RMSNorm, apply_rope, rope_frequencies
+from kvjax.models.layers import RMSNorm, apply_rope, rope_frequencies, run_layers
 
 
 def _linear(n_in, n_out, *, bias, dtype, rngs):
@@ -120,12 +120,8 @@ class CausalLM(nnx.Module):
         """embeds [B, T, H] -> final hidden states [B, T, H] and the updated cache arrays.
         write_slots, visible_len: int32 [B, T], or [L, B, T] when layers hold different lengths.
         tap(layer, self_attn, h [B, T, H]) is called with each layer's attention input if given."""
-        x = embeds
-        for layer, block in enumerate(self.model.layers):
-            per_layer = write_slots.ndim == 3
-            x, cache_k, cache_v = block(x, positions, cache_k, cache_v, layer,
-                                        write_slots[layer] if per_layer else write_slots,
-                                        visible_len[layer] if per_layer else visible_len, tap)
+        x, cache_k, cache_v = run_layers(self.model.layers, embeds, positions, cache_k, cache_v, write_slots,
+                                         visible_len, tap)
         return self.model.norm(x), cache_k, cache_v
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -28,20 +28,52 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("kvjax_home")
 
 
-def test_chat_runs_offline_on_the_builtin_demo(home):
+@pytest.fixture(scope="module")
+def demo_session(home):
+    """-> a function returning a default (greedy) in-process session on the demo model in `home`,
+    for reference answers; built on first call, so the subprocess is the one that writes the demo."""
+    from kvjax.cli.chat import build_parser, build_session
+
+    sessions = []
+
+    def get():
+        if not sessions:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("KVJAX_HOME", str(home))
+                sessions.append(build_session(build_parser().parse_args(["--quiet"])))
+        return sessions[0]
+
+    return get
+
+
+def test_chat_runs_offline_on_the_builtin_demo(home, demo_session):
+    """stdout is exactly the greedy answer (kvjax.generate on the same prompt, decoded) and a newline."""
+    from tests.kvjax.cli.answers import prompt_arrays, reference_answer
+
     proc = run_chat("--question", "hi", "--max-new-tokens", "8", "--time", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "RANDOM weights" in proc.stderr
-    assert proc.stdout.strip()
-    assert "[time] prompt" in proc.stderr and "tokens/s" in proc.stderr
     assert (home / "demo-llama" / "config.json").is_file()
+    messages, session = [{"role": "user", "content": "hi"}], demo_session()
+    want, _ = reference_answer(session, messages, max_new_tokens=8)
+    assert want and proc.stdout == want + "\n"
+    assert f"[time] prompt {prompt_arrays(session, messages)[1]} tokens: prefill" in proc.stderr
+    assert "tokens/s" in proc.stderr
 
 
-def test_question_from_stdin_and_quiet(home):
-    proc = run_chat("--quiet", "--max-new-tokens", "4", "--temperature", "0.7", "--top-p", "0.9",
+def test_question_from_stdin_and_quiet(home, demo_session):
+    """The stripped stdin question, sampled with the flags' temperature / top-p and seed 0."""
+    from kvjax.sampling import Sampling
+    from tests.kvjax.cli.answers import reference_answer
+
+    proc = run_chat("--quiet", "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9",
                     home=home, stdin="hello there\n")
     assert proc.returncode == 0, proc.stderr
     assert "loading" not in proc.stderr
+    messages, session = [{"role": "user", "content": "hello there"}], demo_session()
+    want, _ = reference_answer(session, messages, max_new_tokens=6, sampling=Sampling(temperature=0.7, top_p=0.9))
+    greedy, _ = reference_answer(session, messages, max_new_tokens=6)
+    assert proc.stdout == want + "\n" and want != greedy, (proc.stdout, want, greedy)
 
 
 @pytest.fixture(scope="module")

@@ -101,3 +101,35 @@ def test_image_chat_infers_the_image_span(home):
 
     assert 0 < image_len < prompt_len
     assert kv_len == kept(image_len) + kept(prompt_len - image_len)
+
+
+@pytest.fixture(scope="module")
+def sharp_model(home):
+    """(model dir, compressor checkpoint): a tiny Llama with init_std 0.3, whose attention is sharp
+    enough that RoPE positions change greedy answers (the demo's 0.02 leaves attention near uniform)."""
+    from kvjax.testing import write_checkpoint
+
+    model_dir = write_checkpoint(home / "sharp", "llama", init_std=0.3, overwrite=True)
+    cfg = CompressorConfig(num_layers=2, num_kv_heads=2, head_dim=16, compression_factor=4)
+    return model_dir, save_compressor(home / "sharp_ccm", build_compressor(cfg), overwrite=True)
+
+
+def test_kv_compress_positions_reach_the_compressor(sharp_model):
+    """--kv-compress-positions compressed (the checkpoint's convention is 'original'): the answer is
+    kvjax's with rope_positions='compressed', which differs from 'original', so a dropped flag shows."""
+    import io
+
+    from kvjax.cli.chat import build_parser, build_session
+    from tests.kvjax.cli.answers import reference_answer
+
+    model_dir, ckpt = sharp_model
+    session = build_session(build_parser().parse_args([
+        "--model-dir", str(model_dir), "--kv-compress-ckpt", str(ckpt), "--kv-compress-positions", "compressed",
+        "--max-new-tokens", "8", "--quiet", "--max-tokens", "128"]))
+    assert session.method[0].cfg.rope_positions == "original"
+    answer = session.ask("tell me about the weather today please", write=io.StringIO().write)
+    options = dict(method=session.method, max_new_tokens=8)
+    want, kv_len = reference_answer(session, session.messages[:1], rope_positions="compressed", **options)
+    original, _ = reference_answer(session, session.messages[:1], rope_positions="original", **options)
+    assert session.last.kv_len == kv_len < session.last.num_prompt
+    assert answer == want and want != original, (answer, want, original)

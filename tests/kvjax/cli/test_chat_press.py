@@ -94,3 +94,38 @@ def test_question_span_of_an_image_prompt_excludes_the_image():
     for messages in (chat[:1], chat + [{"role": "user", "content": "and its colour?"}]):
         n = tail_len(ids(messages), ids(messages[:-1] + [{"role": "user", "content": ""}]))
         assert tokenizer.decode(ids(messages)[-n:]).strip().startswith(messages[-1]["content"]), n
+
+
+@pytest.mark.parametrize("protect", ["image", "both"])
+def test_press_protect_image_keeps_the_image_prefix(home, protect):  # noqa: F811
+    """--press-protect image|both on the demo LLaVA (system prompt + image: a 46-slot prefix of 70):
+    the answer is kvjax's with protect_image=True (and the question kept, for 'both'), and differs
+    from kvjax's without, so a dropped protection shows. knorm at ratio 0.2 keeps 56 slots: the
+    whole prefix with 'image'; with 'both' the 23 question slots come first and a note says so."""
+    import io
+    from pathlib import Path
+
+    from kvjax.cli.chat import build_parser, build_session
+    from kvjax.session import tail_len
+    from tests.kvjax.cli.answers import prompt_arrays, reference_answer
+
+    image = Path(__file__).resolve().parents[3] / "assets" / "sample.png"
+    session = build_session(build_parser().parse_args([
+        "--demo", "llava", "--image", str(image), "--system", "You describe pictures of the old harbour.",
+        "--max-new-tokens", "6", "--press", "knorm", "--compression-ratio", "0.2", "--press-protect", protect,
+        "--quiet", "--max-tokens", "128"]))
+    answer = session.ask("What is in the picture?", write=io.StringIO().write)
+    messages = session.messages[:2]
+    ids, _ = session.encode(messages)
+    question_len = tail_len(ids, session.encode(messages[:1] + [{"role": "user", "content": ""}])[0])
+    options = dict(method=session.method, max_new_tokens=6,
+                   protect_last=[question_len] if protect == "both" else None)
+    want, kv_len = reference_answer(session, messages, protect_image=True, **options)
+    unprotected, _ = reference_answer(session, messages, **options)
+    image_len = prompt_arrays(session, messages)[3]
+    assert session.last.kv_len == kv_len
+    if protect == "image":  # the whole prefix is kept
+        assert 0 < image_len < kv_len and not session.last.notes
+    else:  # the image outgrows the budget the question leaves, and the user is told
+        assert image_len + question_len > kv_len and "exceeds" in session.last.notes[0]
+    assert answer == want and want != unprotected, (answer, want, unprotected)

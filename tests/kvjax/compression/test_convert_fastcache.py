@@ -130,7 +130,7 @@ def write_bad(path, what):
 
 @pytest.mark.parametrize("what,message", [
     ("garbage", "not a readable PyTorch checkpoint"),
-    ("code", "would run code"),
+    ("code", r"pickled code or Python objects \(print\)"),
     ("plain_pickle", "not a readable PyTorch checkpoint|not a compressor state dict"),
     ("missing_layer", "lacks compress_tk.1.0.weight"),
     ("misshaped", r"compress_tv.1.3.weight has shape \(24, 25\), expected \(24, 24\)"),
@@ -165,3 +165,31 @@ def test_missing_torch_is_named(tmp_path, model_dir, monkeypatch, capsys):
     assert main(["--input", str(tmp_path / "ccm.pth"), "--model-dir", str(model_dir),
                  "--output", str(tmp_path / "o")]) == 2
     assert "needs PyTorch" in capsys.readouterr().err
+
+
+def test_older_wrapper_converts_like_the_bare_state_dict(tmp_path, model_dir):
+    """FastCache's older scripts save {'compressor': state_dict}: it converts to the same weights."""
+    torch.manual_seed(0)
+    module = FastCacheDecouple(LAYERS, HEAD_DIM, CF).eval()
+    torch.save({"compressor": module.state_dict()}, tmp_path / "old.pth")
+    torch.save(module.state_dict(), tmp_path / "bare.pth")
+    old = load_compressor(convert_fastcache(tmp_path / "old.pth", model_dir, tmp_path / "a"))
+    bare = load_compressor(convert_fastcache(tmp_path / "bare.pth", model_dir, tmp_path / "b"))
+    np.testing.assert_array_equal(np.asarray(old.text_k.w1[...]), np.asarray(bare.text_k.w1[...]))
+    np.testing.assert_array_equal(np.asarray(old.image_v.b3[...]), np.asarray(bare.image_v.b3[...]))
+
+
+class SystemCall:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_pickled_code_is_refused_naming_the_global(tmp_path, model_dir, capsys):
+    torch.save({"compress_tk.0.0.weight": torch.zeros(2), "x": SystemCall()}, tmp_path / "evil.pth")
+    code = main(["--input", str(tmp_path / "evil.pth"), "--model-dir", str(model_dir), "--output",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pickled code" in err[0] and "posix.system" in err[0]
+    assert "re-download" not in err[0] and not (tmp_path / "out").exists()

@@ -150,3 +150,49 @@ def test_user_errors_name_the_fix(one_layer):
         kvjax.compress(cache, get_press("snapkv", compression_ratio=0.5))
     with pytest.raises(kvjax.KVJaxError, match="window_size"):
         kvjax.compress(cache, get_press("snapkv", compression_ratio=0.5, window_size=30), observations={})
+
+
+def loud_prefix_cache(image_len, kv_len=(32, 20), positions=(40, 27), seed=5):
+    """A random cache [L=2, B=2, Hkv=2, S=32, D=8] whose first image_len[b] keys of every row have
+    100x the norm of the rest: knorm (score -||k||) ranks them lowest, so only protection keeps them."""
+    rng = np.random.default_rng(seed)
+    k, v = rng.standard_normal((2, 2, 2, 32, 8), np.float32), rng.standard_normal((2, 2, 2, 32, 8), np.float32)
+    for b, n in enumerate(image_len):
+        k[:, b, :, :n] *= 100
+    cache = kvjax.KVCache(jnp.asarray(k), jnp.asarray(v), jnp.asarray(kv_len, jnp.int32),
+                          jnp.asarray(positions, jnp.int32))
+    return cache, k, v
+
+
+def test_protect_image_keeps_the_image_even_when_it_scores_lowest():
+    image_len, kv_len, ratio = [6, 4], [32, 20], 0.6
+    press = get_press("knorm", compression_ratio=ratio)
+    cache, k, v = loud_prefix_cache(image_len)
+    norms = np.linalg.norm(k, axis=-1)  # [L, B, Hkv, S]
+    kept = kept_tokens(cache, press, image_len=image_len)  # image_len protects the prefix
+    unprotected = kept_tokens(cache, press)
+    protected = kvjax.compress(cache, press, image_len, protect_image=True)
+    plain = kvjax.compress(loud_prefix_cache(image_len)[0], press, image_len)  # protect_image=False
+    for b, (img, n) in enumerate(zip(image_len, kv_len)):
+        n_kept = compute_n_kept(n, ratio)
+        assert img < n_kept and int(protected.kv_len[b]) == int(plain.kv_len[b]) == n_kept
+        for layer in range(2):
+            for h in range(2):
+                rest = img + np.argsort(norms[layer, b, h, img:n], kind="stable")[:n_kept - img]
+                np.testing.assert_array_equal(np.flatnonzero(kept[layer, b, h]), np.r_[:img, np.sort(rest)])
+                lowest = np.sort(np.argsort(norms[layer, b, h, :n], kind="stable")[:n_kept])
+                assert lowest.min() >= img  # unprotected, the image is the first thing dropped
+                np.testing.assert_array_equal(np.flatnonzero(unprotected[layer, b, h]), lowest)
+                np.testing.assert_array_equal(np.asarray(protected.k)[layer, b, h, :n_kept],
+                                              k[layer, b, h, np.r_[:img, np.sort(rest)]])
+                np.testing.assert_array_equal(np.asarray(plain.k)[layer, b, h, :n_kept], k[layer, b, h, lowest])
+                np.testing.assert_array_equal(np.asarray(plain.v)[layer, b, h, :n_kept], v[layer, b, h, lowest])
+
+
+@pytest.mark.parametrize("rope_positions,want", [(None, [40, 27]), ("original", [40, 27]), ("compressed", [16, 10])])
+def test_press_rope_positions(rope_positions, want):
+    """'original' (the press default) keeps counting real tokens; 'compressed' restarts at the new kv_len."""
+    cache, _, _ = loud_prefix_cache([0, 0])
+    out = kvjax.compress(cache, get_press("knorm", compression_ratio=0.5), rope_positions=rope_positions)
+    np.testing.assert_array_equal(np.asarray(out.kv_len), [16, 10])
+    np.testing.assert_array_equal(np.asarray(out.positions), want)
