@@ -54,3 +54,64 @@ def tiny_llama(tmp_path_factory):
     write_hf_model(path, "llama", seed=1)
     model, _, cfg = kvjax.load(path, dtype="float32", tokenizer=False)
     return model, cfg
+
+
+# The shared training run (`trained_run` below) and the tests that use it: under `-n N` they run on
+# one worker, which makes the run (and compiles its train step) once. xdist's own loadgroup does
+# not group on pytest 9 (it sets `item._nodeid`, which pytest 9 no longer reads), so the grouping
+# is done here by test name. The hook must live in this top conftest: xdist's controller does not
+# collect, so it loads only the conftests of the command-line paths (`tests`, from testpaths).
+SHARED_RUN_TESTS = ("test_training_lowers_validation_kl", "test_kill_and_resume_is_bitwise_equal",
+                    "test_train_from_yaml_then_chat_reads_the_compressor")
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n N` (dist `load`): the SHARED_RUN_TESTS form one scope, every other test its own."""
+    if config.getoption("dist", "no") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):  # every other test is a scope of its own, as under `load`
+            return "trained_run" if nodeid.split("::")[-1].split("[")[0] in SHARED_RUN_TESTS else nodeid
+
+    return SharedRunScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_setup(tmp_path_factory):
+    """The training tests' tiny Llama (2 layers, hidden 32) and the demo dataset -> (model_dir,
+    data_path, home); KVJAX_HOME points at a temporary directory."""
+    from kvjax.testing import text as demo
+
+    home = tmp_path_factory.mktemp("kvjax_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVJAX_HOME", str(home))
+        from training.demo_data import ensure_demo_dataset
+
+        data = ensure_demo_dataset()
+        model_dir = demo.write_checkpoint(home / "tiny", "llama", hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                          head_dim=16, max_position_embeddings=512)
+        yield model_dir, data, home
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_train_setup, tmp_path_factory):
+    """-> dict(out, summary, start (params before), backbone (before), trainer) of one SHARED run
+    (tests/training/conftest.py), defined here so tests/training and tests/kvjax/cli share it."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from tests.training.conftest import SHARED, tiny_config
+    from training.trainer import Trainer
+
+    model_dir, data, _ = tiny_train_setup
+    out = tmp_path_factory.mktemp("shared") / "run"
+    trainer = Trainer(tiny_config(model_dir, data, out, **SHARED))
+    backbone = jax.tree.map(np.array, trainer.backbone_state)
+    start = jax.tree.map(np.array, nnx.to_pure_dict(trainer.state["params"]))
+    summary = trainer.run()
+    return dict(out=out, summary=summary, start=start, backbone=backbone, trainer=trainer)

@@ -158,7 +158,9 @@ def test_preemption_when_decode_runs_out_of_pages(engine, prompts, want):
     results = engine.generate([Request(prompt=prompts[4], max_new_tokens=8) for _ in range(3)])
     assert all(r.token_ids == want["plain"][4] for r in results)
     assert sum(r.num_preempted for r in results) > 0
-    assert all(r.ttft_s >= 0 and r.tpot_s >= 0 for r in results)
+    for r in results:  # arrival -> first token -> last token, the per-token time spread over the rest
+        assert 0 < r.ttft_s <= r.latency_s and r.tpot_s > 0
+        assert r.latency_s == pytest.approx(r.ttft_s + r.tpot_s * (len(r.token_ids) - 1), rel=1e-9, abs=1e-12)
 
 
 def test_text_prompts_and_errors(engine):

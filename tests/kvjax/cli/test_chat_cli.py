@@ -143,15 +143,20 @@ def test_multi_turn_session_keeps_the_conversation(home, monkeypatch):
     import io
 
     from kvjax.cli.chat import build_parser, build_session
+    from tests.kvjax.cli.answers import reference_answer
 
     monkeypatch.setenv("KVJAX_HOME", str(home))
     session = build_session(build_parser().parse_args(["--max-new-tokens", "6", "--system", "Be brief.", "--quiet"]))
     out = io.StringIO()
     first = session.ask("What is a harbour?", write=out.write)
-    session.ask("And a library?", write=out.write)
+    second = session.ask("And a library?", write=out.write)
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
-    assert session.messages[2]["content"] == first
-    assert out.getvalue().startswith(first)
+    assert session.messages[2]["content"] == first and session.messages[4]["content"] == second
+    assert out.getvalue() == first + second  # the pieces streamed add up to the answers
+    # The second turn answers the whole conversation, not its last message alone.
+    want, _ = reference_answer(session, session.messages[:4], max_new_tokens=6)
+    alone, _ = reference_answer(session, [session.messages[0], session.messages[3]], max_new_tokens=6)
+    assert second == want != alone, (second, want, alone)
 
 
 def test_answer_cut_by_a_full_cache_says_so(home, monkeypatch):

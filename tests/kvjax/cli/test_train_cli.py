@@ -5,8 +5,6 @@ import json
 
 import pytest
 
-from tests.training.conftest import tiny_train_setup, trained_run  # noqa: F401 (fixtures)
-
 
 def errors(capsys):
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
@@ -54,7 +52,7 @@ def test_bad_config_file_and_busy_out_dir(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["mismatched_compressor", "bad_data"])
-def test_errors_after_loading_leave_out_dir_alone(tiny_train_setup, tmp_path, capsys, case):  # noqa: F811
+def test_errors_after_loading_leave_out_dir_alone(tiny_train_setup, tmp_path, capsys, case):
     from kvjax.compression.checkpoint import save_compressor
     from kvjax.compression.ccm import CompressorConfig, build_compressor
     from kvjax.cli.train import main
@@ -79,7 +77,7 @@ def test_errors_after_loading_leave_out_dir_alone(tiny_train_setup, tmp_path, ca
     assert (out / "keep.txt").read_text() == "precious"
 
 
-def test_train_from_yaml_then_chat_reads_the_compressor(tiny_train_setup, trained_run, tmp_path,  # noqa: F811
+def test_train_from_yaml_then_chat_reads_the_compressor(tiny_train_setup, trained_run, tmp_path,
                                                         capsys):
     """With trained_run in the same process, the CLI run reuses its compiled train step (same static settings)."""
     from kvjax.cli.chat import main as chat

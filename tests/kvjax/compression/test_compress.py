@@ -36,7 +36,7 @@ CASES = [  # (cf, min_seq_len, image_mode, image_len per sequence)
     (4, 3, "keep", (17, 6, 0, 4)),
     (3, 2, "text_mlp", (13, 5, 0, 7)),        # image_len ignored: everything through text MLPs
     (2, 0, "image_mlp", (1, 1, 0, 1)),
-    # A 30-token image kept whole + 10 text tokens = 34 slots, past ccm_plan's static output bound (16).
+    # A 30-token image kept whole + 10 text tokens = 34 slots: past the output bound ccm_plan once used (16).
     (4, 1, "keep", (30, 0, 0, 0)),
 ]
 
