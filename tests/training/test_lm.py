@@ -1,0 +1,95 @@
+"""The default model's pretraining pipeline on a tiny config: corpus parsing, deterministic batches
+with retrieval tasks, a resumed run bitwise equal to an uninterrupted one, and the HF export
+loading through kvjax.load with the trained model's logits."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import kvjax
+from kvjax import retrieval
+from kvjax.testing import DEMO_TEXT
+from training import lm
+from training.lm_run import train
+
+DUMP = """
+Genesis 1
+
+  1 In the beginning God created the heaven and the earth.
+  2 And the earth was without form, and void; and darkness was upon the face of
+the deep.
+
+Genesis 2
+
+  1 Thus the heavens and the earth were finished.
+
+1 Samuel 1
+
+  1 Now there was a certain man.
+"""
+CFG = lm.LMConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                  head_dim=16, seq_len=96, batch_size=2, steps=4, warmup_steps=1)
+
+
+def test_bible_dump_parses_into_books_of_chapters():
+    books = lm.parse_bible(DUMP)
+    assert list(books) == ["Genesis", "1 Samuel"]
+    assert books["Genesis"].split("\n") == [
+        "In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
+        "darkness was upon the face of the deep.", "Thus the heavens and the earth were finished."]
+
+
+def test_retrieval_tasks_are_seeded_and_hold_their_answer():
+    sentences = lm.sentences(DEMO_TEXT)
+    task = retrieval.key_value_recall(sentences, 3, num_records=4, num_words=120)
+    assert task == retrieval.key_value_recall(sentences, 3, num_records=4, num_words=120)
+    assert task.context.count("The code of ") == 4 and f"is {task.answer}." in task.context
+    name = task.question.removeprefix("What is the code of ").removesuffix("?")
+    assert f"The code of {name} is {task.answer}." in task.context
+    first = retrieval.needle(sentences, 0, depth=0.0, num_words=80)
+    last = retrieval.needle(sentences, 0, depth=1.0, num_words=80)
+    assert first.context.startswith("The code of ") and last.context.endswith(f"is {last.answer}.")
+    with pytest.raises(kvjax.KVJaxError, match="depth"):
+        retrieval.needle(sentences, 0, depth=1.5)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return lm.train_tokenizer(DEMO_TEXT.splitlines(keepends=True), CFG.vocab_size)
+
+
+def test_batches_are_deterministic_and_weigh_the_answer(tokenizer):
+    batches = lm.Batches(tokenizer, DEMO_TEXT, dataclasses.replace(CFG, retrieval_share=1.0))
+    one, again = batches(5), batches(5)
+    np.testing.assert_array_equal(one["tokens"], again["tokens"])
+    assert not np.array_equal(one["tokens"], batches(6)["tokens"])
+    assert (one["weights"] == CFG.answer_weight).any(axis=1).all()  # every row is a task with an answer
+    row = one["tokens"][0]
+    answer = one["weights"][0] == CFG.answer_weight  # weights[t] scores the prediction of tokens[t + 1]
+    text = tokenizer.decode(row[1:][answer])
+    assert text.rstrip("<|end|>").isdigit() and len(text.rstrip("<|end|>")) == 4
+
+
+def test_resumed_run_equals_an_uninterrupted_one_and_exports(tmp_path, tokenizer):
+    texts = {"train": DEMO_TEXT, "validation": DEMO_TEXT}
+    whole = train(tmp_path / "whole", texts, tokenizer, CFG, save_every=2, eval_every=4, quiet=True)
+    assert train(tmp_path / "cut", texts, tokenizer, CFG, save_every=2, eval_every=4, stop_after=2, quiet=True) is None
+    resumed = train(tmp_path / "cut", texts, tokenizer, CFG, save_every=2, eval_every=4, quiet=True)
+    for a, b in zip(nnx.to_flat_state(nnx.state(whole)), nnx.to_flat_state(nnx.state(resumed))):
+        np.testing.assert_array_equal(np.asarray(a[1].get_value()), np.asarray(b[1].get_value()))
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert "recall_acc" in lines[-1]
+    with pytest.raises(kvjax.KVJaxError, match="other settings"):
+        train(tmp_path / "cut", texts, tokenizer, dataclasses.replace(CFG, lr=0.5), save_every=2, eval_every=4)
+
+    out = lm.export(whole, tokenizer, CFG, tmp_path / "export", {"data": "test"})
+    model, tok, cfg = kvjax.load(out, dtype="float32")
+    assert cfg.head_dim == 16 and cfg.tie_word_embeddings and tok.chat_template == lm.CHAT_TEMPLATE
+    ids = np.asarray(tok("In the beginning")["input_ids"], np.int32)[None]
+    want, _ = kvjax.prefill(whole, kvjax.KVCache.for_model(whole.cfg, 1, 32), ids)
+    got, _ = kvjax.prefill(model, kvjax.KVCache.for_model(cfg, 1, 32), ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=0.05)  # bf16 weights

@@ -1,0 +1,216 @@
+"""Pretraining a small Llama-architecture LM from scratch (the default model kvjax ships): corpus
+splits by book, a byte-level BPE tokenizer with a chat template, deterministic batches that mix
+prose with long-context retrieval tasks, the jitted Optax step, and export in HF layout.
+
+Batches depend only on (seed, step), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from kvjax import retrieval
+from kvjax.cache import KVCache
+from kvjax.errors import KVJaxError
+from kvjax.steps import forward_hidden
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+# A turn is <|role|>\n content <|end|>\n; the assistant's answer ends with <|end|> (the EOS id).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LMConfig:
+    """Shape of the model and of the run (what the checkpoints and the export record)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    max_position_embeddings: int = 2048
+    seq_len: int = 512  # tokens per training row
+    batch_size: int = 8
+    steps: int = 6000
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    retrieval_share: float = 0.5  # rows that are retrieval tasks (the rest: prose windows)
+    answer_weight: float = 4.0  # loss weight of an answer's tokens (the rest weigh 1)
+    seed: int = 0
+
+    def hf_config(self, tokenizer):
+        import transformers
+
+        return transformers.LlamaConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=True,
+            rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"], dtype="bfloat16")
+
+
+def parse_bible(text: str) -> dict[str, str]:
+    """The `bible` program's dump ("Book N" headers, numbered verses with wrapped lines) -> {book:
+    its text, one paragraph per chapter, verse numbers dropped}."""
+    books: dict[str, list[str]] = {}
+    book, verses = None, []
+    for line in text.splitlines():
+        header = re.fullmatch(r"([1-3]? ?[A-Z][A-Za-z ]+) (\d+)", line.strip())
+        if header and not line.startswith(" "):
+            if book is not None and verses:
+                books.setdefault(book, []).append(" ".join(verses))
+            book, verses = header.group(1), []
+        elif re.match(r"\s+\d+ ", line):
+            verses.append(line.strip().split(" ", 1)[1])
+        elif line.strip() and verses:
+            verses[-1] += " " + line.strip()
+    if book is not None and verses:
+        books.setdefault(book, []).append(" ".join(verses))
+    return {name: "\n".join(chapters) for name, chapters in books.items()}
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.replace("\n", " ")) if s]
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """Byte-level BPE (every string encodes) with digits split one by one, so codes copy digit by digit."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A",
+                                                       special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>",
+                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+
+
+class Batches:
+    """Deterministic training rows: prose windows of the token stream, and retrieval tasks rendered
+    with the chat template (question in the user turn, the code as the answer)."""
+
+    def __init__(self, tokenizer, train_text: str, cfg: LMConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.stream = np.asarray(tokenizer(train_text, add_special_tokens=False)["input_ids"], np.int32)
+        self.sentences = sentences(train_text)
+        if len(self.stream) <= cfg.seq_len or not self.sentences:
+            raise KVJaxError(f"the training text has {len(self.stream)} tokens; it needs more than "
+                             f"--seq-len {cfg.seq_len}")
+
+    def task_row(self, seed: int, rng: np.random.Generator) -> tuple[list[int], int]:
+        """(ids, start of the answer) of one retrieval task that fits seq_len."""
+        num_words = int(rng.integers(self.cfg.seq_len // 8, self.cfg.seq_len // 2))
+        if rng.random() < 0.5:
+            task = retrieval.key_value_recall(self.sentences, seed, num_records=int(rng.integers(1, 6)),
+                                              num_words=num_words)
+        else:
+            task = retrieval.needle(self.sentences, seed, depth=float(rng.random()), num_words=num_words)
+        ids, answer_start = encode_task(self.tokenizer, task)
+        return ids[-self.cfg.seq_len - 1:], answer_start - max(0, len(ids) - self.cfg.seq_len - 1)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        """tokens int32 [B, T + 1] (inputs and shifted targets) and weights float32 [B, T]."""
+        cfg = self.cfg
+        rng = np.random.default_rng((cfg.seed, step))
+        tokens = np.full((cfg.batch_size, cfg.seq_len + 1), self.tokenizer.pad_token_id, np.int32)
+        weights = np.zeros((cfg.batch_size, cfg.seq_len), np.float32)
+        for row in range(cfg.batch_size):
+            if rng.random() < cfg.retrieval_share:
+                ids, answer = self.task_row(int(rng.integers(1 << 31)), rng)
+                tokens[row, :len(ids)] = ids
+                weights[row, :len(ids) - 1] = 1.0
+                weights[row, answer - 1:len(ids) - 1] = cfg.answer_weight
+            else:
+                start = int(rng.integers(len(self.stream) - cfg.seq_len - 1))
+                tokens[row] = self.stream[start:start + cfg.seq_len + 1]
+                weights[row] = 1.0
+        return {"tokens": tokens, "weights": weights}
+
+
+def encode_task(tokenizer, task: retrieval.Task) -> tuple[list[int], int]:
+    """A task as a chat turn -> (ids ending with the answer and <|end|>, index of the answer's first id)."""
+    messages = [{"role": "user", "content": f"{task.context}\n{task.question}"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids + tokenizer(task.answer + "<|end|>", add_special_tokens=False)["input_ids"], len(ids)
+
+
+def optimizer(cfg: LMConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1),
+                                                  cfg.lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
+
+
+def _loss(params, graphdef, batch):
+    tokens, weights = batch["tokens"], batch["weights"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    model = nnx.merge(graphdef, params)
+    batch_size, seq_len = inputs.shape
+    cache = KVCache.for_model(model.cfg, batch_size, seq_len, jnp.float32)
+    lengths = jnp.full((batch_size,), seq_len, jnp.int32)
+    hidden, _ = forward_hidden(graphdef, params, cache, inputs, lengths)
+    logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0), jnp.sum(nll * (weights > 0)) / jnp.maximum(
+        jnp.sum(weights > 0), 1)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4), donate_argnums=(0, 2))
+def train_step(params, graphdef, opt_state, batch, tx):
+    (loss, nll), grads = jax.value_and_grad(_loss, has_aux=True)(params, graphdef, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "nll": nll,
+                                                             "grad_norm": optax.tree.norm(grads)}
+
+
+eval_loss = jax.jit(_loss, static_argnums=(1,))
+
+
+def hf_tensors(model) -> dict[str, np.ndarray]:
+    """The module's parameters under HF names ([out, in] Linear weights), float32 host arrays."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = [str(p) for p in path]
+        value = np.asarray(var.get_value(), np.float32)
+        if names[-1] == "kernel":
+            names[-1], value = "weight", value.T
+        elif names[-1] == "embedding":
+            names[-1] = "weight"
+        out[".".join(names)] = np.ascontiguousarray(value)
+    return out
+
+
+def export(model, tokenizer, cfg: LMConfig, out_dir, extra: dict) -> pathlib.Path:
+    """Write the model as a HF Llama directory (bf16 safetensors, tokenizer, chat template)."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.hf_config(tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_tensors(model).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "training.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), **extra}, indent=2) + "\n")
+    return out
