@@ -121,6 +121,20 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+def token_scores(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """logits [N, V] (row i predicts targets[i]) -> (NLL [N] of the targets, top-1 correct bool [N])."""
+    logp = _log_softmax(np.asarray(logits, np.float64))
+    targets = np.asarray(targets)
+    return -logp[np.arange(len(targets)), targets], logp.argmax(-1) == targets
+
+
+def compare(full_logits: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (top-1 agreement bool [N], KL(full || compressed) [N]): the full cache's distribution
+    is the reference the compressed one is scored against."""
+    full, ours = _log_softmax(np.asarray(full_logits, np.float64)), _log_softmax(np.asarray(logits, np.float64))
+    return ours.argmax(-1) == full.argmax(-1), (np.exp(full) * (full - ours)).sum(-1)
+
+
 def perplexity(model, token_ids, method: Method, *, context_len: int, continuation_len: int,
                num_windows: int = 1) -> dict:
     """PPL / next-token accuracy of the text's continuations after a compressed context, with timings."""
@@ -139,9 +153,9 @@ def perplexity(model, token_ids, method: Method, *, context_len: int, continuati
         ttft.append(seconds)
         kv_bytes.append(int(cache.used_bytes()[0]))
         target = ids[context_len:]
-        logp = _log_softmax(_forced_logits(parts, cache, logits, target, tpot))
-        nll.extend(-logp[np.arange(len(target)), target])
-        correct.extend(logp.argmax(-1) == target)
+        row_nll, row_correct = token_scores(_forced_logits(parts, cache, logits, target, tpot), target)
+        nll.extend(row_nll)
+        correct.extend(row_correct)
     return {"ppl": float(np.exp(np.mean(nll))), "nll": float(np.mean(nll)), "accuracy": float(np.mean(correct)),
             "ttft_s": float(np.median(ttft)), "tpot_s": float(np.median(tpot)) if tpot else None,
             "kv_bytes": int(np.mean(kv_bytes)), "num_scored": len(nll)}
@@ -169,10 +183,9 @@ def agreement(model, prompts, method: Method, *, gen_len: int, reference: list |
         tokens, lengths = _padded(prompt, width)
         logits, cache = _prefill_with(parts, KVCache.for_model(parts.cfg, 1, max_len, model.dtype),
                                       tokens, lengths, method)
-        ours = _log_softmax(_forced_logits(parts, cache, logits, generated))
-        theirs = _log_softmax(ref_logits)
-        agree.extend(ours.argmax(-1) == theirs.argmax(-1))
-        kl.extend((np.exp(theirs) * (theirs - ours)).sum(-1))
+        row_agree, row_kl = compare(ref_logits, _forced_logits(parts, cache, logits, generated))
+        agree.extend(row_agree)
+        kl.extend(row_kl)
     return {"top1_agreement": float(np.mean(agree)), "kl": float(np.mean(kl)), "num_tokens": len(agree)}, reference
 
 
