@@ -156,6 +156,21 @@ def encode_task(tokenizer, task: retrieval.Task) -> tuple[list[int], int]:
     return ids + tokenizer(task.answer + "<|end|>", add_special_tokens=False)["input_ids"], len(ids)
 
 
+def greedy_answer(model, tokenizer, task: retrieval.Task, max_new_tokens: int = 6) -> tuple[str, int]:
+    """The model's greedy answer to a task and the prompt's length; prompts are padded to power-of-two
+    buckets, so a sweep compiles a few programs, not one per prompt."""
+    import kvjax
+    from kvjax.prompts import bucket
+
+    ids, answer_start = encode_task(tokenizer, task)
+    tokens = np.zeros((1, bucket(answer_start, smallest=64)), np.int32)
+    tokens[0, :answer_start] = ids[:answer_start]
+    cache = kvjax.KVCache.for_model(model.cfg, 1, tokens.shape[1] + max_new_tokens)
+    out = kvjax.generate(model, cache, tokens, [answer_start], max_new_tokens=max_new_tokens,
+                         eos_ids=(tokenizer.eos_token_id,))
+    return tokenizer.decode(out.tokens[0, :out.num_generated[0]], skip_special_tokens=True).strip(), answer_start
+
+
 def optimizer(cfg: LMConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1),
                                                   cfg.lr * 0.1)

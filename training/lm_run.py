@@ -10,7 +10,6 @@ import pathlib
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from kvjax import retrieval
@@ -47,20 +46,13 @@ def _metrics(work: pathlib.Path, start: int):
 
 def validate(graphdef, params, tokenizer, texts, cfg: lm.LMConfig, num_tasks: int = 16) -> dict:
     """Loss on the validation books (fixed windows) and greedy exact-match on retrieval tasks."""
-    import kvjax
-
     valid = lm.Batches(tokenizer, texts["validation"], dataclasses.replace(cfg, retrieval_share=0.0, seed=cfg.seed + 1))
     loss, _ = lm.eval_loss(params, graphdef, valid(0))
     model = nnx.merge(graphdef, params)
     sentences, correct = lm.sentences(texts["validation"]), 0
     for i in range(num_tasks):
         task = retrieval.key_value_recall(sentences, 10_000 + i, num_words=cfg.seq_len // 3)
-        ids, answer_start = lm.encode_task(tokenizer, task)
-        prompt = np.asarray(ids[:answer_start], np.int32)[None]
-        cache = kvjax.KVCache.for_model(model.cfg, 1, answer_start + 8)
-        out = kvjax.generate(model, cache, prompt, max_new_tokens=6, eos_ids=(tokenizer.eos_token_id,))
-        answer = tokenizer.decode(out.tokens[0, :out.num_generated[0]], skip_special_tokens=True).strip()
-        correct += answer == task.answer
+        correct += lm.greedy_answer(model, tokenizer, task)[0] == task.answer
     return {"val_loss": float(loss), "recall_acc": correct / num_tasks}
 
 
