@@ -37,6 +37,8 @@ class Result:
     latency_s: float  # arrival -> last token
     num_preempted: int
     compressed_len: int | None  # kv_len after compression
+    finish_reason: str = "length"  # "stop" (EOS) | "length" | "error" (refused: see error)
+    error: str | None = None  # why the request was refused; nothing ran for it
 
 
 class Engine:
@@ -79,7 +81,12 @@ class Engine:
                       "max_running": 0}
 
     def add_request(self, request: Request) -> int:
-        """Queue a request now; returns its id."""
+        """Validate a request and queue it now; returns its id. A bad request raises KVJaxError and
+        changes nothing."""
+        return self._queue(request, self.validate(request))
+
+    def validate(self, request: Request) -> list[int]:
+        """The request's prompt ids, or KVJaxError naming what is wrong with it."""
         if request.max_new_tokens <= 0:
             raise KVJaxError(f"max_new_tokens must be > 0, got {request.max_new_tokens}")
         prompt = request.prompt
@@ -89,12 +96,17 @@ class Engine:
             prompt = self.tokenizer.encode(prompt)
         if request.embeds is not None:
             prompt = self._check_embeds(request.embeds, prompt)
-        seq = Sequence(self.num_requests, request, [int(t) for t in (prompt if prompt is not None else ())])
-        if not seq.prompt_ids:
-            raise KVJaxError(f"request {seq.request_id}: empty prompt (give prompt= token ids or embeds=)")
+        ids = [int(t) for t in (prompt if prompt is not None else ())]
+        if not ids:
+            raise KVJaxError("empty prompt (give prompt= token ids or embeds=)")
         for step in steps_of(request.compression):  # refuse now what compression would refuse later
             if isinstance(step, Press):
-                step.check(len(seq.prompt_ids))
+                step.check(len(ids))
+        self.scheduler.check_fits(self.num_requests, len(ids))
+        return ids
+
+    def _queue(self, request: Request, prompt_ids: list[int]) -> int:
+        seq = Sequence(self.num_requests, request, prompt_ids)
         seq.times["arrival"] = self.clock()
         self.scheduler.add(seq)
         self.num_requests += 1
@@ -115,11 +127,13 @@ class Engine:
     def step(self) -> list[Sequence]:
         """One scheduled batch: schedule -> run -> postprocess; returns the sequences that finished."""
         batch = self.scheduler.schedule()
+        finished = self._drain_ended()
         if batch is None:
-            return []
+            self.finished.extend(finished)
+            return finished
         self.stats["steps"][batch.kind] += 1
         output = self.runner.run(batch)
-        finished = self.scheduler.postprocess(batch, output.tokens, output.kv_lens, self.clock())
+        finished += self.scheduler.postprocess(batch, output.tokens, output.kv_lens, self.clock())
         self.finished.extend(finished)
         self.stats["steps"]["compress"] = self.runner.num_compress_calls
         self.stats["pages_freed_by_compression"] = self.scheduler.num_pages_freed_by_compression
@@ -128,18 +142,31 @@ class Engine:
             self.allocator.check({s.slot: s.kv_len for s in self.scheduler.running})
         return finished
 
+    def _drain_ended(self) -> list[Sequence]:
+        """Sequences the scheduler finished while building a batch (the pool ran out)."""
+        ended, self.scheduler.ended = self.scheduler.ended, []
+        for seq in ended:
+            seq.times["finish"] = self.clock()
+        return ended
+
     def generate(self, requests: list[Request], *, progress: Callable[[int], None] | None = None) -> list[Result]:
         """Run requests to completion; each enters the queue at its arrival_s after the start.
-        Results come back in request order."""
+        Results come back in request order. Every request is validated first: a bad one gets a
+        Result with finish_reason "error" and its message, and the others run as if it were absent."""
         start, first_id = self.clock(), self.num_requests
-        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+        prompts, errors = {}, {}
+        for index, request in enumerate(requests):
+            try:
+                prompts[index] = self.validate(request)
+            except KVJaxError as e:
+                errors[index] = str(e)
+        pending = sorted(prompts, key=lambda i: requests[i].arrival_s)
         ids: dict[int, int] = {}
-        pending = list(order)
         while pending or self.scheduler.has_work:
             elapsed = self.clock() - start
             while pending and requests[pending[0]].arrival_s <= elapsed:
                 index = pending.pop(0)
-                ids[index] = self.add_request(requests[index])
+                ids[index] = self._queue(requests[index], prompts[index])
             if not self.scheduler.has_work:  # idle until the next arrival
                 time.sleep(max(0.0, min(requests[pending[0]].arrival_s - elapsed, 0.05)))
                 continue
@@ -147,7 +174,7 @@ class Engine:
             if progress is not None and finished:
                 progress(len(finished))
         by_id = {seq.request_id: seq for seq in self.finished if seq.request_id >= first_id}
-        return [self._result(by_id[ids[i]]) for i in range(len(requests))]
+        return [self._result(by_id[ids[i]]) if i in ids else refused(errors[i]) for i in range(len(requests))]
 
     def _result(self, seq: Sequence) -> Result:
         t = seq.times
@@ -155,7 +182,12 @@ class Engine:
         text = self.tokenizer.decode(seq.output) if self.tokenizer is not None else None
         return Result(seq.request_id, list(seq.output), text, t["first_token"] - t["arrival"],
                       (t["finish"] - t["first_token"]) / max(num - 1, 1), t["finish"] - t["arrival"],
-                      seq.num_preempted, t.get("compressed_len"))
+                      seq.num_preempted, t.get("compressed_len"), seq.finish_reason)
+
+
+def refused(error: str) -> Result:
+    nan = float("nan")
+    return Result(-1, [], None, nan, nan, nan, 0, None, "error", error)
 
 
 def pages_in(kv_cache_bytes: int, num_pages, cfg, page_size: int, dtype, kv_cache_dtype) -> int:

@@ -1,13 +1,18 @@
 """The scheduler: pure Python over sequences, lengths and the page allocator; never sees an array.
 
 Each engine step is one phase, picked in this order:
-  prefill   waiting sequences admitted while a slot and their prompt's pages are free (the runner
-            compresses those with a method right after their prefill);
+  prefill   waiting sequences admitted while a slot and their prompt's pages are free, leaving a
+            watermark of one free page per running sequence (so admissions do not force the
+            preemptions that would undo them); the runner compresses those with a method right
+            after their prefill;
   decode    running sequences sharing one sampling config, each with a page for its next token.
-A sequence that cannot get a page waits; if no running sequence can, the newest one is preempted:
-its pages go back and it restarts from its prompt later (greedy output is unchanged).
+A sequence that cannot get a page makes the newest running sequence give its pages back (it
+restarts from its prompt later; greedy output is unchanged). Progress is guaranteed: the oldest
+sequence is never preempted for a younger one, and one that holds the whole pool alone and still
+needs a page finishes with finish_reason "length" instead of restarting forever.
 `postprocess` takes the runner's output: it records tokens and lengths, returns the pages that
-compression freed, and finishes sequences (EOS, max_new_tokens, a full sequence), as nano-vllm's.
+compression freed, and finishes sequences (EOS: "stop"; max_new_tokens or a full sequence:
+"length"), as nano-vllm's.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Sequence:
     kv_len: int = 0  # host mirror of the device kv_len of the slot
     output: list[int] = dataclasses.field(default_factory=list)
     num_preempted: int = 0
+    finish_reason: str | None = None  # "stop" (EOS) | "length" (max_new_tokens, sequence or pool full)
     times: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -88,24 +94,38 @@ class Scheduler:
         self.num_pages_freed_by_compression = 0
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # prefilled, in admission order
+        self.ended: list[Sequence] = []  # finished while scheduling (the pool ran out); the engine drains it
+
+    def check_fits(self, request_id: int, prompt_len: int) -> None:
+        """Refuse a prompt that could never be prefilled, even alone in the pool."""
+        pool = self.allocator.num_pages * self.allocator.page_size
+        if prompt_len + 1 > min(self.capacity, pool):
+            raise KVJaxError(f"request {request_id}: a prompt of {prompt_len} tokens never fits ({self.capacity} "
+                             f"slots per sequence, {self.allocator.num_pages} pages of {self.allocator.page_size}); "
+                             "raise max_model_len / num_pages or shorten the prompt")
 
     def add(self, seq: Sequence) -> None:
-        capacity = self.max_pages_per_seq * self.allocator.page_size
-        if len(seq.prompt_ids) + 1 > min(capacity, self.allocator.num_pages * self.allocator.page_size):
-            raise KVJaxError(f"request {seq.request_id}: a prompt of {len(seq.prompt_ids)} tokens never fits "
-                             f"({capacity} slots per sequence, {self.allocator.num_pages} pages); raise "
-                             f"max_model_len / num_pages or shorten the prompt")
+        self.check_fits(seq.request_id, len(seq.prompt_ids))
         self.waiting.append(seq)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _can_admit(self, seq: Sequence, num_admitted: int) -> bool:
+        """A slot and the prompt's pages are free, and one page per running sequence stays free for
+        it to grow into; with nothing running the pool is all the first sequence's."""
+        n = len(seq.prompt_ids)
+        if not self.allocator.can_open(n):
+            return False
+        holders = len(self.running) + num_admitted
+        return holders == 0 or self.allocator.num_free - self.allocator.pages_for(n) >= holders
+
     def schedule(self) -> Batch | None:
         admitted, num_tokens = [], 0
         while (self.waiting and len(admitted) < self.prefill_batch_size
                and num_tokens + len(self.waiting[0].prompt_ids) <= self.max_prefill_tokens
-               and self.allocator.can_open(len(self.waiting[0].prompt_ids))):
+               and self._can_admit(self.waiting[0], len(admitted))):
             seq = self.waiting.popleft()
             seq.slot = self.allocator.open(len(seq.prompt_ids))
             num_tokens += len(seq.prompt_ids)
@@ -126,6 +146,9 @@ class Scheduler:
                 continue
             # The next token is written at slot kv_len; a full sequence stops (as kvjax.generate).
             while not self.allocator.grow(seq.slot, seq.kv_len + 1):
+                if len(self.running) == 1:  # it holds every page in use: the pool can never take more
+                    self.ended.append(self._finish(seq, "length"))
+                    break
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
@@ -160,13 +183,13 @@ class Scheduler:
                     self.num_pages_freed_by_compression += self.allocator.shrink(seq.slot, seq.kv_len)
             else:
                 seq.kv_len += 1
-            if seq.is_done or token in self.eos_ids or seq.kv_len >= self.capacity:
+            if token in self.eos_ids or seq.is_done or seq.kv_len >= self.capacity:
                 seq.times["finish"] = now
-                self._finish(seq)
-                finished.append(seq)
+                finished.append(self._finish(seq, "stop" if token in self.eos_ids else "length"))
         return finished
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence, reason: str) -> Sequence:
         self.running.remove(seq)
         self.allocator.close(seq.slot)
-        seq.phase = Phase.FINISHED
+        seq.phase, seq.finish_reason = Phase.FINISHED, reason
+        return seq

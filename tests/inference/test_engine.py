@@ -154,13 +154,46 @@ def test_pages_freed_by_compression_are_reused_and_exhaustion_queues(engine, lon
 
 
 def test_preemption_when_decode_runs_out_of_pages(engine, prompts, want):
-    # Two 28-token prompts take 4 pages each, all 8 (the third queues); decodes past slot 32 need a 5th page.
-    results = engine.generate([Request(prompt=prompts[4], max_new_tokens=8) for _ in range(3)])
-    assert all(r.token_ids == want["plain"][4] for r in results)
+    # Three 12-token prompts take 2 pages each (the watermark leaves 2 free for them to grow into); decodes
+    # past slot 16 need a third page each, 9 > 8: the youngest gives its pages back and restarts.
+    results = engine.generate([Request(prompt=prompts[5], max_new_tokens=8) for _ in range(3)])
+    assert all(r.token_ids == want["plain"][5] and r.finish_reason == "length" for r in results)
     assert sum(r.num_preempted for r in results) > 0
     for r in results:  # arrival -> first token -> last token, the per-token time spread over the rest
         assert 0 < r.ttft_s <= r.latency_s and r.tpot_s > 0
         assert r.latency_s == pytest.approx(r.ttft_s + r.tpot_s * (len(r.token_ids) - 1), rel=1e-9, abs=1e-12)
+
+
+def test_admission_keeps_a_watermark_so_prompts_that_fill_the_pool_run_one_by_one(engine, prompts, want):
+    # Two 28-token prompts take 4 pages each, all 8: admitting both would leave no page to grow into, and
+    # the first decode past slot 32 would preempt one of them; the watermark queues the second instead.
+    results = engine.generate([Request(prompt=prompts[4], max_new_tokens=8) for _ in range(2)])
+    assert all(r.token_ids == want["plain"][4] for r in results)
+    assert [r.num_preempted for r in results] == [0, 0]
+
+
+def test_a_request_larger_than_the_pool_ends_with_length_instead_of_restarting_forever(tiny_llama, long_prompts):
+    # A pool of 6 pages of 8 (48 slots) under a 64-slot sequence limit: 32 + 40 tokens never fit. Alone
+    # it holds all 6 pages; it stops there with "length" instead of preempting itself and re-prefilling.
+    model, cfg = tiny_llama
+    engine = Engine(model, page_size=PAGE_SIZE, num_pages=6, max_num_seqs=4, max_model_len=MAX_LEN,
+                    prefill_batch_size=2, decoding_batch_size=4, eos_ids=(), check_invariants=True)
+    [result] = engine.generate([Request(prompt=long_prompts[0], max_new_tokens=40)])
+    reference = kvjax.generate(model, kvjax.KVCache.for_model(cfg, 1, MAX_LEN), [long_prompts[0]],
+                               max_new_tokens=40, eos_ids=()).tokens[0].tolist()
+    assert result.finish_reason == "length" and result.num_preempted == 0
+    assert result.token_ids == reference[:6 * PAGE_SIZE - LONG_LEN + 1]
+    assert engine.stats["steps"]["prefill"] == 1 and not engine.scheduler.has_work
+
+
+def test_a_bad_request_gets_its_own_error_and_loses_no_other_result(engine, prompts, want):
+    results = engine.generate([Request(prompt=prompts[0], max_new_tokens=8),
+                               Request(prompt=prompts[1], max_new_tokens=0, arrival_s=30.0),
+                               Request(prompt=list(range(3, 3 + MAX_LEN)), max_new_tokens=2)])
+    assert results[0].token_ids == want["plain"][0] and results[0].error is None
+    assert results[1].finish_reason == "error" and "max_new_tokens must be > 0" in results[1].error
+    assert results[2].finish_reason == "error" and "never fits" in results[2].error
+    assert not results[1].token_ids and not results[2].token_ids
 
 
 def test_text_prompts_and_errors(engine):
