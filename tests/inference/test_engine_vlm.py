@@ -54,8 +54,9 @@ def reference(vlm, method):
 def test_image_requests_equal_generate_and_ccm_compress(vlm):
     model, cfg, _, lengths, _, _ = vlm
     compressor = build_compressor(CompressorConfig.for_model(cfg.text, compression_factor=4))
-    # 8 pages: both prompts fit (4 + 4), the first decode past slot 32 needs a 9th -> preemption.
-    engine = Engine(model, page_size=8, num_pages=8, max_num_seqs=2, max_model_len=MAX_LEN, prefill_batch_size=2,
+    # 9 pages: both prompts fit (4 + 4, one left for the watermark); past slot 32 each needs a fifth, 10 > 9 ->
+    # the younger is preempted and restarts from its embeds.
+    engine = Engine(model, page_size=8, num_pages=9, max_num_seqs=2, max_model_len=MAX_LEN, prefill_batch_size=2,
                     decoding_batch_size=2, eos_ids=(), check_invariants=True)
     plain = engine.generate(requests(vlm))
     ccm = engine.generate(requests(vlm, compression=compressor))
