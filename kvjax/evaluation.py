@@ -199,8 +199,10 @@ PLOTTED = (("ppl", "perplexity"), ("accuracy", "next-token accuracy"), ("top1_ag
            ("kl", "KL(full || compressed)"))
 
 
-def plot(results: list[dict], path) -> None:
-    """One panel per metric, x = compression ratio, one line per method family/name; `none` dashed."""
+def plot(results: list[dict], path, *, x: str = "compression_ratio", x_label: str = "compression ratio",
+         panels=PLOTTED, baseline: str = "none") -> None:
+    """One panel per (metric, title) in `panels` against `x`, one line per method name (its spec
+    without the ratio: "knorm:0.5+int8" -> "knorm+int8"); the `baseline` method is a dashed line."""
     try:
         import matplotlib
 
@@ -209,20 +211,21 @@ def plot(results: list[dict], path) -> None:
     except ImportError:
         raise KVJaxError("the plot needs matplotlib: pip install 'kvjax[eval]' (or pass --no-plot)") from None
     lines: dict[str, list[dict]] = {}
-    for row in results:  # one line per name: "knorm:0.5+int8" -> "knorm+int8"
+    for row in results:
         name, _, rest = row["method"].partition(":")
         lines.setdefault(name + rest[rest.find("+"):] if "+" in rest else name, []).append(row)
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4), constrained_layout=True)
-    for ax, (key, title) in zip(axes, PLOTTED):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), constrained_layout=True, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 distinct lines (the fidelity suite has ~16)
         for name, rows in lines.items():
-            if name == "none":
-                ax.axhline(rows[0][key], color="gray", linestyle="--", label="none (full cache)")
+            if name == baseline:
+                ax.axhline(rows[0][key], color="gray", linestyle="--", label=f"{baseline} (full cache)")
                 continue
-            rows = sorted(rows, key=lambda r: r["compression_ratio"])
-            ax.plot([r["compression_ratio"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+            rows = sorted(rows, key=lambda r: r[x])
+            ax.plot([r[x] for r in rows], [r[key] for r in rows], marker="o", label=name)
         ax.set_title(title)
-        ax.set_xlabel("compression ratio")
+        ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     fig.savefig(path, dpi=100)
     plt.close(fig)

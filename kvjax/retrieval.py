@@ -2,10 +2,14 @@
 KV cache still holds the facts a question needs. Formats (plain text, documented in the README):
 
   key-value recall  prose with records "The code of <name> is <dddd>." scattered through it, then
-                    the question "What is the code of <name>?"; the answer is the 4 digits.
+                    the question "What is the code of <name>?"; the reply repeats the record
+                    ("The code of <name> is <dddd>."), and it is right when the first 4-digit
+                    number in it is the code.
   needle            one record placed at a chosen depth (0.0 = the start, 1.0 = the end) of the
                     prose, then the same question about it.
 
+The reply repeats the record because then the code follows "<name> is" in both places: the model
+copies it as an induction head would, rather than first recalling which record was asked about.
 Names are drawn from a fixed list, codes uniformly from 1000-9999; the same seed gives the same
 task. Prose is any list of sentences (the training split, or held-out text for evaluation).
 """
@@ -13,6 +17,7 @@ task. Prose is any list of sentences (the training split, or held-out text for e
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
@@ -28,12 +33,36 @@ NAMES = (
 )
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
+_CODE = re.compile(r"(?<!\d)\d{4}(?!\d)")
+
+
+def sentences(text: str) -> list[str]:
+    """Prose -> its sentences (newlines read as spaces), the units tasks are built from."""
+    return [s for s in _SENTENCE_END.split(text.replace("\n", " ")) if s]
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     context: str  # prose with the records in it
-    question: str  # "What is the code of <name>?"
+    name: str  # whose code is asked
     answer: str  # the 4 digits
     depth: float  # where the asked record sits in the context (0 = start, 1 = end)
+    records: tuple[tuple[str, str], ...] = ()  # every (name, code) in the context, in order
+
+    @property
+    def question(self) -> str:
+        return question(self.name)
+
+    @property
+    def reply(self) -> str:
+        """The reply a model is trained to give: the record again."""
+        return record(self.name, int(self.answer))
+
+    def is_answered_by(self, text: str) -> bool:
+        """Whether the first 4-digit number in a model's reply is the code."""
+        found = _CODE.search(text)
+        return found is not None and found.group(0) == self.answer
 
 
 def record(name: str, code: int) -> str:
@@ -69,7 +98,8 @@ def key_value_recall(sentences: Sequence[str], seed: int, *, num_records: int = 
         parts.insert(int(places[i]), record(NAMES[names[i]], int(codes[i])))
     position = int(places[asked]) + asked  # index of the asked record after all insertions
     depth = position / max(len(parts) - 1, 1)
-    return Task(" ".join(parts), question(NAMES[names[asked]]), str(int(codes[asked])), depth)
+    records = tuple((NAMES[n], str(int(c))) for n, c in zip(names, codes))  # places are sorted: context order
+    return Task(" ".join(parts), NAMES[names[asked]], str(int(codes[asked])), depth, records)
 
 
 def needle(sentences: Sequence[str], seed: int, *, depth: float, num_words: int = 300) -> Task:
@@ -81,4 +111,4 @@ def needle(sentences: Sequence[str], seed: int, *, depth: float, num_words: int 
     prose = _prose(sentences, rng, num_words)
     place = round(depth * len(prose))
     parts = prose[:place] + [record(name, code)] + prose[place:]
-    return Task(" ".join(parts), question(name), str(code), place / max(len(parts) - 1, 1))
+    return Task(" ".join(parts), name, str(code), place / max(len(parts) - 1, 1), ((name, str(code)),))

@@ -57,7 +57,7 @@ def recall_accuracy(model, tokenizer, sentences, num_words: int, num_tasks: int,
                 else retrieval.needle(sentences, 60_000 + i, depth=i / max(num_tasks - 1, 1), num_words=num_words))
         answer, prompt_len = lm.greedy_answer(model, tokenizer, task)
         lengths.append(prompt_len)
-        correct += answer == task.answer
+        correct += task.is_answered_by(answer)
     return {"accuracy": correct / num_tasks, "mean_prompt_tokens": float(np.mean(lengths)), "num_tasks": num_tasks}
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     train_ids, test_ids = encode(train_text), encode(test_text)
     report = {"model_dir": args.model_dir, **ngram_ppl(train_ids, test_ids, cfg.vocab_size),
               "model_ppl": model_ppl(model, cfg, test_ids, args.window), "window": args.window, "retrieval": {}}
-    sentences = lm.sentences(test_text)
+    sentences = retrieval.sentences(test_text)
     tokens_per_word = len(test_ids) / len(test_text.split())
     for kind in ("recall", "needle"):
         for target in (512, 1024):  # prompt tokens, about

@@ -126,7 +126,10 @@ def tokenize(records: Sequence[Record], tokenizer, *, max_context_len: int, max_
                 prompt = encode_chat(tokenizer, [{"role": "user", "content": record.question}])
             else:
                 prompt, image_len = contexts.prompt(record.question, record.image, record.source)
-            answer = list(tokenizer(" " + record.answer, add_special_tokens=False)["input_ids"])
+            # a space separates the answer from a prompt that does not already end in one ("Assistant:"
+            # vs a template's "<|assistant|>\n"), so the answer tokenizes as the model would write it
+            space = "" if tokenizer.decode(prompt[-1:]).endswith((" ", "\n")) else " "
+            answer = list(tokenizer(space + record.answer, add_special_tokens=False)["input_ids"])
             answer.append(tokenizer.eos_token_id)
         prompt, answer = (prompt if image_len else prompt[-max_context_len:]), answer[:max_answer_len]
         # the last prompt token is fed to both models, so the compressed context is one shorter

@@ -28,7 +28,6 @@ SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|
 # A turn is <|role|>\n content <|end|>\n; the assistant's answer ends with <|end|> (the EOS id).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,7 +48,13 @@ class LMConfig:
     lr: float = 1e-3
     warmup_steps: int = 200
     retrieval_share: float = 0.5  # rows that are retrieval tasks (the rest: prose windows)
+    copy_share: float = 0.0  # rows of a prose span repeated (bootstraps induction heads; drawn first)
     answer_weight: float = 4.0  # loss weight of an answer's tokens (the rest weigh 1)
+    max_records: int = 5  # records per key-value recall row: 1 to this
+    questions: int = 1  # questions per recall row, 1 to this (the later ones as follow-up turns)
+    short_seq_len: int = 0  # > 0: a short_share of the steps use rows this long (more rows per step)
+    short_share: float = 0.0
+    init_from: str = ""  # another run's work dir: start from its latest weights (a fresh optimizer)
     seed: int = 0
 
     def hf_config(self, tokenizer):
@@ -84,10 +89,6 @@ def parse_bible(text: str) -> dict[str, str]:
     return {name: "\n".join(chapters) for name, chapters in books.items()}
 
 
-def sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE_END.split(text.replace("\n", " ")) if s]
-
-
 def train_tokenizer(texts, vocab_size: int):
     """Byte-level BPE (every string encodes) with digits split one by one, so codes copy digit by digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -113,39 +114,80 @@ class Batches:
     def __init__(self, tokenizer, train_text: str, cfg: LMConfig):
         self.tokenizer, self.cfg = tokenizer, cfg
         self.stream = np.asarray(tokenizer(train_text, add_special_tokens=False)["input_ids"], np.int32)
-        self.sentences = sentences(train_text)
+        self.sentences = retrieval.sentences(train_text)
         if len(self.stream) <= cfg.seq_len or not self.sentences:
             raise KVJaxError(f"the training text has {len(self.stream)} tokens; it needs more than "
                              f"--seq-len {cfg.seq_len}")
 
-    def task_row(self, seed: int, rng: np.random.Generator) -> tuple[list[int], int]:
-        """(ids, start of the answer) of one retrieval task that fits seq_len."""
-        num_words = int(rng.integers(self.cfg.seq_len // 8, self.cfg.seq_len // 2))
-        if rng.random() < 0.5:
-            task = retrieval.key_value_recall(self.sentences, seed, num_records=int(rng.integers(1, 6)),
-                                              num_words=num_words)
-        else:
-            task = retrieval.needle(self.sentences, seed, depth=float(rng.random()), num_words=num_words)
-        ids, answer_start = encode_task(self.tokenizer, task)
-        return ids[-self.cfg.seq_len - 1:], answer_start - max(0, len(ids) - self.cfg.seq_len - 1)
+    def task_row(self, seed: int, rng: np.random.Generator, seq_len: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, answer spans) of one retrieval conversation that fits seq_len + 1 tokens: a recall task
+        (with follow-up questions about its other records) or a needle."""
+        cfg, num_words = self.cfg, int(rng.integers(seq_len // 16, seq_len // 2))
+        is_recall, num_records = rng.random() < 0.5, int(rng.integers(1, cfg.max_records + 1))
+        num_questions, depth = int(rng.integers(1, cfg.questions + 1)), float(rng.random())
+        while True:
+            if is_recall:
+                task = retrieval.key_value_recall(self.sentences, seed, num_records=num_records, num_words=num_words)
+            else:
+                task = retrieval.needle(self.sentences, seed, depth=depth, num_words=num_words)
+            others = [r for r in task.records if r[0] != task.name]
+            order = np.random.default_rng(seed).permutation(len(others))[:num_questions - 1]
+            ids, spans = encode_conversation(self.tokenizer, task, [others[i] for i in order])
+            if len(ids) <= seq_len + 1 or num_words == 0:  # records alone too long: cut the tail
+                return ids[:seq_len + 1], [(a, min(b, seq_len + 1)) for a, b in spans if a < seq_len + 1]
+            num_words //= 2
+
+    def copy_row(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """A span of the prose (8 to seq_len / 4 tokens) repeated to fill the row, weighted on the
+        repeats only: the lesson behind copying a code from the context (an induction head), with
+        the corpus's own token statistics (random tokens skew them and hurt the prose)."""
+        length = int(rng.integers(8, max(seq_len // 4, 9)))
+        start = int(rng.integers(len(self.stream) - length))
+        span = self.stream[start:start + length]
+        weights = np.ones(seq_len, np.float32)
+        weights[:length - 1] = 0.0  # targets inside the first copy are ordinary prose: left to the prose rows
+        return np.resize(span, seq_len + 1).astype(np.int32), weights
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        """tokens int32 [B, T + 1] (inputs and shifted targets) and weights float32 [B, T]."""
+        """tokens int32 [B, T + 1] (inputs and shifted targets) and weights float32 [B, T]; a short step
+        has rows of short_seq_len tokens and proportionally more of them."""
         cfg = self.cfg
         rng = np.random.default_rng((cfg.seed, step))
-        tokens = np.full((cfg.batch_size, cfg.seq_len + 1), self.tokenizer.pad_token_id, np.int32)
-        weights = np.zeros((cfg.batch_size, cfg.seq_len), np.float32)
-        for row in range(cfg.batch_size):
-            if rng.random() < cfg.retrieval_share:
-                ids, answer = self.task_row(int(rng.integers(1 << 31)), rng)
+        seq_len, batch_size = cfg.seq_len, cfg.batch_size
+        if cfg.short_seq_len and rng.random() < cfg.short_share:
+            seq_len, batch_size = cfg.short_seq_len, cfg.batch_size * cfg.seq_len // cfg.short_seq_len
+        tokens = np.full((batch_size, seq_len + 1), self.tokenizer.pad_token_id, np.int32)
+        weights = np.zeros((batch_size, seq_len), np.float32)
+        for row in range(batch_size):
+            if cfg.copy_share and rng.random() < cfg.copy_share:
+                tokens[row], weights[row] = self.copy_row(rng, seq_len)
+            elif rng.random() < cfg.retrieval_share:
+                ids, spans = self.task_row(int(rng.integers(1 << 31)), rng, seq_len)
                 tokens[row, :len(ids)] = ids
                 weights[row, :len(ids) - 1] = 1.0
-                weights[row, answer - 1:len(ids) - 1] = cfg.answer_weight
+                for a, b in spans:  # target t is token t + 1
+                    weights[row, a - 1:b - 1] = cfg.answer_weight
             else:
-                start = int(rng.integers(len(self.stream) - cfg.seq_len - 1))
-                tokens[row] = self.stream[start:start + cfg.seq_len + 1]
+                start = int(rng.integers(len(self.stream) - seq_len - 1))
+                tokens[row] = self.stream[start:start + seq_len + 1]
                 weights[row] = 1.0
         return {"tokens": tokens, "weights": weights}
+
+
+def encode_conversation(tokenizer, task: retrieval.Task, follow_ups=()) -> tuple[list[int], list[tuple[int, int]]]:
+    """A task as chat turns (context and question, then one turn per (name, code) follow-up), each
+    reply the record again -> (ids, [start, end) of each reply with its <|end|>)."""
+    ids, answer_start = encode_task(tokenizer, task)
+    spans = [(answer_start, len(ids))]
+    for name, code in follow_ups:
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": retrieval.question(name)}],
+                                             add_generation_prompt=True, tokenize=False)
+        turn = "\n" + turn.removeprefix(tokenizer.bos_token)  # the template's newline after <|end|>
+        ids = ids + tokenizer(turn, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(retrieval.record(name, int(code)) + "<|end|>", add_special_tokens=False)["input_ids"]
+        spans.append((len(ids), len(ids) + len(answer)))
+        ids = ids + answer
+    return ids, spans
 
 
 def encode_task(tokenizer, task: retrieval.Task) -> tuple[list[int], int]:
@@ -153,10 +195,10 @@ def encode_task(tokenizer, task: retrieval.Task) -> tuple[list[int], int]:
     messages = [{"role": "user", "content": f"{task.context}\n{task.question}"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ids + tokenizer(task.answer + "<|end|>", add_special_tokens=False)["input_ids"], len(ids)
+    return ids + tokenizer(task.reply + "<|end|>", add_special_tokens=False)["input_ids"], len(ids)
 
 
-def greedy_answer(model, tokenizer, task: retrieval.Task, max_new_tokens: int = 6) -> tuple[str, int]:
+def greedy_answer(model, tokenizer, task: retrieval.Task, max_new_tokens: int = 16) -> tuple[str, int]:
     """The model's greedy answer to a task and the prompt's length; prompts are padded to power-of-two
     buckets, so a sweep compiles a few programs, not one per prompt."""
     import kvjax

@@ -44,15 +44,24 @@ def _metrics(work: pathlib.Path, start: int):
     return path.open("a")
 
 
+def _latest_params(ocp, work: pathlib.Path, template):
+    """The weights of another run's latest checkpoint (a run of the same model shape)."""
+    with ocp.CheckpointManager((work / "checkpoints").absolute()) as other:
+        step = other.latest_step()
+        if step is None:
+            raise KVJaxError(f"--init-from {work}: no checkpoint there; pass the work dir of a finished run")
+        return other.restore(step, args=ocp.args.StandardRestore(template))["params"]
+
+
 def validate(graphdef, params, tokenizer, texts, cfg: lm.LMConfig, num_tasks: int = 16) -> dict:
     """Loss on the validation books (fixed windows) and greedy exact-match on retrieval tasks."""
     valid = lm.Batches(tokenizer, texts["validation"], dataclasses.replace(cfg, retrieval_share=0.0, seed=cfg.seed + 1))
     loss, _ = lm.eval_loss(params, graphdef, valid(0))
     model = nnx.merge(graphdef, params)
-    sentences, correct = lm.sentences(texts["validation"]), 0
+    sentences, correct = retrieval.sentences(texts["validation"]), 0
     for i in range(num_tasks):
         task = retrieval.key_value_recall(sentences, 10_000 + i, num_words=cfg.seq_len // 3)
-        correct += lm.greedy_answer(model, tokenizer, task)[0] == task.answer
+        correct += task.is_answered_by(lm.greedy_answer(model, tokenizer, task)[0])
     return {"val_loss": float(loss), "recall_acc": correct / num_tasks}
 
 
@@ -72,6 +81,9 @@ def train(work: pathlib.Path, texts, tokenizer, cfg: lm.LMConfig, *, save_every:
         start = manager.latest_step() or 0
         if start:
             state = manager.restore(start, args=ocp.args.StandardRestore(state))
+        elif cfg.init_from:
+            state = {"params": _latest_params(ocp, pathlib.Path(cfg.init_from).expanduser(), state), "opt_state":
+                     state["opt_state"]}
         batches = lm.Batches(tokenizer, texts["train"], cfg)
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
         with _metrics(work, start) as metrics:

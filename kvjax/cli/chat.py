@@ -1,4 +1,4 @@
-"""`python -m kvjax.chat`: chat with a local Hugging Face model (or the built-in demo model).
+"""`python -m kvjax.chat`: chat with a local Hugging Face model (default: the shipped default model).
 
 Answers stream to stdout; banners, timings and errors go to stderr. Errors a user can cause
 print one `error: ...` line and exit 2.
@@ -15,8 +15,8 @@ from kvjax.errors import KVJaxError
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kvjax.chat", description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", help="Hugging Face model directory (default: the built-in demo model, "
-                                       "random weights)")
+    p.add_argument("--model-dir", help="Hugging Face model directory (default: the shipped default model, a "
+                                       "small Llama trained here on the King James Bible and recall tasks)")
     p.add_argument("--question", help="ask one question and exit (default: interactive when stdin is a "
                                       "terminal, else read the question from stdin)")
     p.add_argument("--system", help="system prompt")
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-compress", action="store_true", help="compress the prompt's KV cache after prefill")
     g.add_argument("--kv-compress-ckpt", help="compressor checkpoint directory (implies --kv-compress; convert "
                                               "FastCache .pth files with python -m kvjax.convert_fastcache); "
-                                              "default: an UNTRAINED random compressor")
+                                              "default: the shipped one for the default model, else an "
+                                              "UNTRAINED random compressor")
     g.add_argument("--kv-compress-factor", type=positive_int,
                    help="tokens merged into one (default 5, or the checkpoint's)")
     g.add_argument("--kv-compress-min-seq-len", type=non_negative_int,
@@ -91,16 +92,21 @@ def method_from_flags(args, cfg, dtype):
 
 def _load(args):
     import kvjax
-    from kvjax import testing
+    from kvjax import defaults, testing
 
     model_dir = args.model_dir
     if model_dir is not None and args.demo:
         raise KVJaxError("pass either --model-dir or --demo, not both")
-    if model_dir is None:
+    if args.demo:
         model_dir = testing.ensure_demo_vlm(args.demo) if args.demo in ("llava", "minicpmv") \
             else testing.ensure_demo_checkpoint()
-        print(f"kvjax: no --model-dir given, using the built-in demo model in {model_dir}. "
-              "It has RANDOM weights: its answers are gibberish.", file=sys.stderr)
+        print(f"kvjax: using the built-in demo model in {model_dir}. It has RANDOM weights: its answers are "
+              "gibberish.", file=sys.stderr)
+    elif model_dir is None:
+        model_dir = defaults.default_model_dir()
+        if not args.quiet:
+            print("kvjax: no --model-dir given, using the shipped default model (a 6-layer Llama trained on the "
+                  "King James Bible and key-value recall; see README)", file=sys.stderr)
     if not args.quiet:
         print(f"kvjax: loading {model_dir} ...", file=sys.stderr)
     return (*kvjax.load(model_dir, dtype=args.dtype, progress=not args.quiet), model_dir)
@@ -108,6 +114,7 @@ def _load(args):
 
 def build_session(args):
     """Flags -> a loaded model and its ChatSession."""
+    from kvjax import defaults
     from kvjax.sampling import Sampling
     from kvjax.session import ChatSession
 
@@ -118,6 +125,8 @@ def build_session(args):
         open_image(args.image)
     model, tokenizer, cfg, model_dir = _load(args)
     text_cfg = getattr(cfg, "text", cfg)
+    if args.kv_compress and args.kv_compress_ckpt is None and defaults.is_default_model(model_dir):
+        args.kv_compress_ckpt = str(defaults.default_compressor_dir(args.kv_compress_factor))
     return ChatSession.create(
         model, tokenizer, cfg, model_dir=model_dir, image=args.image, system=args.system, sampling=sampling,
         seed=args.seed, method=method_from_flags(args, text_cfg, model.dtype), max_tokens=args.max_tokens,

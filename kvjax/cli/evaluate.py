@@ -5,6 +5,12 @@
 Writes results.json (perplexity, next-token accuracy, TTFT, TPOT, KV bytes, top-1 agreement and
 KL against the full cache, per method) and results.png (metric vs compression ratio per method).
 Without --model-dir the built-in demo model is used. Errors print one line and exit 2.
+
+    python -m kvjax.evaluate --suite fidelity --out-dir fidelity_out [--quick]
+
+runs the fidelity suite (kvjax.suites.fidelity: every method at equal KV bytes, retrieval accuracy,
+held-out PPL, agreement) on the shipped default model and its compressors, or on --model-dir with
+--kv-compress-ckpt; it writes fidelity.json and fidelity.png.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ DEFAULT_TEXT = pathlib.Path(__file__).resolve().parents[2] / "assets" / "eval_te
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m kvjax.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", help="local HF model directory (default: the demo model)")
+    p.add_argument("--model-dir", help="local HF model directory (default: the demo model; with --suite, the "
+                                       "shipped default model)")
+    p.add_argument("--suite", choices=["fidelity"], help="run a fixed suite instead of --methods")
+    p.add_argument("--quick", action="store_true", help="with --suite: a few examples only (CI)")
     p.add_argument("--methods", nargs="+", default=["knorm:0.25,0.5", "int8"],
                    help="methods to sweep: none, int8, PRESS:R1,R2 (see kvjax.presses.list_presses()), ccm:FACTOR; "
                         "end a PRESS or ccm spec in +int8 to quantize what it kept, e.g. knorm:0.5+int8")
@@ -97,7 +106,44 @@ def run(args) -> dict:
     return report
 
 
+def run_suite(args) -> dict:
+    import kvjax
+    from kvjax import defaults
+    from kvjax.compression.checkpoint import load_compressor
+    from kvjax.suites import fidelity
+
+    model_dir = pathlib.Path(args.model_dir) if args.model_dir else defaults.default_model_dir()
+    model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype)
+    if hasattr(cfg, "text"):
+        raise KVJaxError(f"{model_dir} is a vision-language model; the fidelity suite takes a text model")
+    if args.kv_compress_ckpt:
+        ckpts = [args.kv_compress_ckpt]
+    else:
+        ckpts = [defaults.default_compressor_dir(f) for f in defaults.shipped_factors()] \
+            if defaults.is_default_model(model_dir) else []
+        if not ckpts:
+            print("kvjax: no --kv-compress-ckpt for this model: the table has no CCM rows", file=sys.stderr)
+    compressors = [load_compressor(c, cfg, dtype=args.dtype) for c in ckpts]
+    text = _read(args.text, "text") if args.text != str(DEFAULT_TEXT) else defaults.HELD_OUT_TEXT.read_text()
+    report = {"model": str(model_dir), "compressors": [str(c) for c in ckpts],
+              **fidelity.run(model, tokenizer, text, compressors, fidelity.QUICK if args.quick else
+                             fidelity.FidelityConfig(), progress=not args.quiet)}
+    out = pathlib.Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_plot:
+        fidelity.plot(report, out / "fidelity.png")
+    for row in report["rows"]:
+        print(f"{row['method']:>24}  kv {row['kv_bytes_ratio']:.3f}  retrieval {row['retrieval_acc']:.3f}  "
+              f"ppl {row['ppl']:8.3f}  top1 {row['agreement']:.3f}  kl {row['kl']:.4f}")
+    print(f"wrote {out / 'fidelity.json'}", file=sys.stderr)
+    return report
+
+
 def _run_and_print(args) -> int:
+    if args.suite:
+        run_suite(args)
+        return 0
     report = run(args)
     for row in report["results"]:
         print(f"{row['method']:>24}  ppl {row['ppl']:9.3f}  acc {row['accuracy']:.3f}  "

@@ -43,12 +43,17 @@ def test_bible_dump_parses_into_books_of_chapters():
 
 
 def test_retrieval_tasks_are_seeded_and_hold_their_answer():
-    sentences = lm.sentences(DEMO_TEXT)
+    sentences = retrieval.sentences(DEMO_TEXT)
     task = retrieval.key_value_recall(sentences, 3, num_records=4, num_words=120)
     assert task == retrieval.key_value_recall(sentences, 3, num_records=4, num_words=120)
     assert task.context.count("The code of ") == 4 and f"is {task.answer}." in task.context
-    name = task.question.removeprefix("What is the code of ").removesuffix("?")
-    assert f"The code of {name} is {task.answer}." in task.context
+    assert task.question == f"What is the code of {task.name}?"
+    assert task.reply == f"The code of {task.name} is {task.answer}." and task.reply in task.context
+    assert (task.name, task.answer) in task.records and len(task.records) == 4
+    wrong = str((int(task.answer) - 999) % 9000 + 1000)  # another 4-digit code
+    assert task.is_answered_by(task.reply) and task.is_answered_by(f"{task.answer}")
+    assert not task.is_answered_by(f"The code is {wrong}.") and not task.is_answered_by(f"1{task.answer}")
+    assert not task.is_answered_by("I do not know")
     first = retrieval.needle(sentences, 0, depth=0.0, num_words=80)
     last = retrieval.needle(sentences, 0, depth=1.0, num_words=80)
     assert first.context.startswith("The code of ") and last.context.endswith(f"is {last.answer}.")
@@ -61,16 +66,28 @@ def tokenizer():
     return lm.train_tokenizer(DEMO_TEXT.splitlines(keepends=True), CFG.vocab_size)
 
 
-def test_batches_are_deterministic_and_weigh_the_answer(tokenizer):
-    batches = lm.Batches(tokenizer, DEMO_TEXT, dataclasses.replace(CFG, retrieval_share=1.0))
+def test_batches_are_deterministic_and_weigh_every_reply(tokenizer):
+    cfg = dataclasses.replace(CFG, seq_len=256, retrieval_share=1.0, questions=3, max_records=3, short_seq_len=128,
+                              short_share=0.5)
+    batches = lm.Batches(tokenizer, DEMO_TEXT, cfg)
     one, again = batches(5), batches(5)
     np.testing.assert_array_equal(one["tokens"], again["tokens"])
     assert not np.array_equal(one["tokens"], batches(6)["tokens"])
-    assert (one["weights"] == CFG.answer_weight).any(axis=1).all()  # every row is a task with an answer
-    row = one["tokens"][0]
-    answer = one["weights"][0] == CFG.answer_weight  # weights[t] scores the prediction of tokens[t + 1]
-    text = tokenizer.decode(row[1:][answer])
-    assert text.rstrip("<|end|>").isdigit() and len(text.rstrip("<|end|>")) == 4
+    shapes = {batches(step)["tokens"].shape for step in range(12)}  # short steps: twice the rows, half the length
+    assert shapes == {(2, 257), (4, 129)}
+    follow_ups, rows = 0, [(r, w) for b in map(batches, range(12)) for r, w in zip(b["tokens"], b["weights"])]
+    for row, weights in rows:
+        is_reply = weights == cfg.answer_weight  # weights[t] scores the prediction of tokens[t + 1]
+        replies = tokenizer.decode(row[1:][is_reply]).split("<|end|>")[:-1]
+        assert replies, "every row is a task with an answer"
+        text = tokenizer.decode(row[row != tokenizer.pad_token_id])
+        assert len(replies) >= text.count("<|assistant|>") - 1  # every turn's reply weighs (the last may be cut)
+        follow_ups += len(replies) > 1
+        for reply in replies:  # each reply is a record of this row's context, asked in the turn before it
+            name = reply.removeprefix("The code of ").split(" is ")[0]
+            assert reply.startswith("The code of ") and reply in text.split("<|assistant|>")[0]
+            assert f"What is the code of {name}?<|end|>\n<|assistant|>\n{reply}<|end|>" in text
+    assert follow_ups, "some row asks a follow-up question"
 
 
 def test_resumed_run_equals_an_uninterrupted_one_and_exports(tmp_path, tokenizer):
@@ -93,3 +110,13 @@ def test_resumed_run_equals_an_uninterrupted_one_and_exports(tmp_path, tokenizer
     want, _ = kvjax.prefill(whole, kvjax.KVCache.for_model(whole.cfg, 1, 32), ids)
     got, _ = kvjax.prefill(model, kvjax.KVCache.for_model(cfg, 1, 32), ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=0.05)  # bf16 weights
+
+
+def test_copy_rows_repeat_a_span_and_weigh_only_the_repeats(tokenizer):
+    batches = lm.Batches(tokenizer, DEMO_TEXT, dataclasses.replace(CFG, copy_share=1.0))
+    for row, weights in zip(*batches(3).values()):
+        period = next(p for p in range(8, len(row)) if np.array_equal(row[p:], row[:len(row) - p]))
+        assert (row >= len(lm.SPECIAL_TOKENS)).all() and len(set(row[:period].tolist())) > 1
+        stream = batches.stream  # the span is a piece of the prose
+        assert any(np.array_equal(row[:period], stream[i:i + period]) for i in range(len(stream) - period))
+        assert not weights[:period - 1].any() and weights[period - 1:].all()

@@ -53,7 +53,8 @@ def test_a_nan_tensor_is_named_when_loading(tmp_path):
 
 
 def test_a_compressor_that_merges_nothing_says_why(home_chat, capsys):
-    code = chat(["--question", "hello there", "--kv-compress", "--kv-compress-factor", "1000", "--quiet",
+    code = chat(["--demo", "llama",
+                 "--question", "hello there", "--kv-compress", "--kv-compress-factor", "1000", "--quiet",
                  "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert code == 0 and "merged nothing" in err and "min_seq_len = 2 groups of 1000 tokens" in err

@@ -40,7 +40,7 @@ def demo_session(home):
         if not sessions:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("KVJAX_HOME", str(home))
-                sessions.append(build_session(build_parser().parse_args(["--quiet"])))
+                sessions.append(build_session(build_parser().parse_args(["--demo", "llama", "--quiet"])))
         return sessions[0]
 
     return get
@@ -50,7 +50,7 @@ def test_chat_runs_offline_on_the_builtin_demo(home, demo_session):
     """stdout is exactly the greedy answer (kvjax.generate on the same prompt, decoded) and a newline."""
     from tests.kvjax.cli.answers import prompt_arrays, reference_answer
 
-    proc = run_chat("--question", "hi", "--max-new-tokens", "8", "--time", home=home)
+    proc = run_chat("--demo", "llama", "--question", "hi", "--max-new-tokens", "8", "--time", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "RANDOM weights" in proc.stderr
     assert (home / "demo-llama" / "config.json").is_file()
@@ -66,7 +66,7 @@ def test_question_from_stdin_and_quiet(home, demo_session):
     from kvjax.sampling import Sampling
     from tests.kvjax.cli.answers import reference_answer
 
-    proc = run_chat("--quiet", "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9",
+    proc = run_chat("--demo", "llama", "--quiet", "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9",
                     home=home, stdin="hello there\n")
     assert proc.returncode == 0, proc.stderr
     assert "loading" not in proc.stderr
@@ -146,7 +146,8 @@ def test_multi_turn_session_keeps_the_conversation(home, monkeypatch):
     from tests.kvjax.cli.answers import reference_answer
 
     monkeypatch.setenv("KVJAX_HOME", str(home))
-    session = build_session(build_parser().parse_args(["--max-new-tokens", "6", "--system", "Be brief.", "--quiet"]))
+    session = build_session(build_parser().parse_args(["--demo", "llama",
+                                                       "--max-new-tokens", "6", "--system", "Be brief.", "--quiet"]))
     out = io.StringIO()
     first = session.ask("What is a harbour?", write=out.write)
     second = session.ask("And a library?", write=out.write)
@@ -163,7 +164,8 @@ def test_answer_cut_by_a_full_cache_says_so(home, monkeypatch):
     from kvjax.cli.chat import build_parser, build_session
 
     monkeypatch.setenv("KVJAX_HOME", str(home))
-    session = build_session(build_parser().parse_args(["--max-new-tokens", "50", "--max-tokens", "20", "--quiet"]))
+    session = build_session(build_parser().parse_args(["--demo", "llama",
+                                                       "--max-new-tokens", "50", "--max-tokens", "20", "--quiet"]))
     session.ask("hello", write=lambda _: None)
     assert session.last.notes == ["answer cut: the KV cache is full (20 tokens); raise --max-tokens"]
     assert session.last.kv_len + session.last.num_generated == 20 + 1

@@ -30,7 +30,7 @@ def demo_compressor(home, name, **overrides):
 
 
 def test_compressed_chat_reports_bytes_and_time(home):
-    proc = run_chat("--question", "tell me about the weather today please", "--max-new-tokens", "6",
+    proc = run_chat("--demo", "llama", "--question", "tell me about the weather today please", "--max-new-tokens", "6",
                     "--kv-compress", "--kv-compress-factor", "3", "--time", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "UNTRAINED" in proc.stderr
@@ -43,7 +43,8 @@ def test_compressed_chat_with_checkpoint(home, capsys):
     from kvjax.cli.chat import main
 
     ckpt = demo_compressor(home, "ccm")
-    assert main(["--question", "hello hello hello hello hello", "--max-new-tokens", "4", "--kv-compress-ckpt",
+    assert main(["--demo", "llama",
+                 "--question", "hello hello hello hello hello", "--max-new-tokens", "4", "--kv-compress-ckpt",
                  str(ckpt), "--kv-compress-positions", "compressed", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() and "UNTRAINED" not in captured.err
@@ -55,7 +56,7 @@ def test_compressed_chat_with_checkpoint(home, capsys):
     (["--kv-compress-positions", "sideways"], "invalid choice"),
 ])
 def test_bad_flags_exit_2(home, flags, message):
-    proc = run_chat("--question", "hi", *flags, home=home)
+    proc = run_chat("--demo", "llama", "--question", "hi", *flags, home=home)
     assert proc.returncode == 2
     assert len(error_lines(proc)) == 1 and message in proc.stderr, proc.stderr
 
@@ -74,7 +75,7 @@ def test_mismatched_checkpoints_exit_2_with_one_line(home, capsys, case, message
             "wrong_factor": lambda: demo_compressor(home, "ccm4"),
             "missing": lambda: home / "nowhere"}[case]()
     flags = ["--kv-compress-factor", "5"] if case == "wrong_factor" else []
-    assert main(["--question", "hi", "--quiet", "--kv-compress-ckpt", str(ckpt), *flags]) == 2
+    assert main(["--demo", "llama", "--question", "hi", "--quiet", "--kv-compress-ckpt", str(ckpt), *flags]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("kvjax:")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and re.search(message, errors[0]), errors
 

@@ -16,7 +16,8 @@ def chat(args, capsys) -> tuple[int, list[str]]:
 
 @pytest.mark.parametrize("flags,slots", [(["--press", "snapkv", "--press-option", "window_size=4"], "-> 17 slots")])
 def test_press_chat_shrinks_the_cache(home, capsys, flags, slots):  # noqa: F811
-    code, lines = chat(["--question", "hello there how are you today my friend", "--max-new-tokens", "4", "--time",
+    code, lines = chat(["--demo", "llama",
+                        "--question", "hello there how are you today my friend", "--max-new-tokens", "4", "--time",
                         *flags], capsys)
     assert code == 0, lines
     assert slots in next(line for line in lines if line.startswith("[time] KV cache"))
@@ -27,7 +28,7 @@ def test_press_chat_shrinks_the_cache(home, capsys, flags, slots):  # noqa: F811
                                            (["--press-protect", "question"], "add --press NAME"),
                                            (["--kv-quantize", "int4"], "invalid choice")])
 def test_bad_press_flags_exit_2_with_one_line(home, capsys, flags, message):  # noqa: F811
-    code, lines = chat(["--question", "hi", *flags], capsys)
+    code, lines = chat(["--demo", "llama", "--question", "hi", *flags], capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
@@ -35,7 +36,8 @@ def test_bad_press_flags_exit_2_with_one_line(home, capsys, flags, message):  # 
 def test_int8_chat_reports_the_smaller_cache(home, capsys, flags, slots):  # noqa: F811
     """int8 alone keeps every slot; after a press it quantizes what the press kept."""
     try:
-        code = main(["--question", "hello there how are you today my friend", "--max-new-tokens", "4", "--time",
+        code = main(["--demo", "llama",
+                     "--question", "hello there how are you today my friend", "--max-new-tokens", "4", "--time",
                      "--max-tokens", "128", "--kv-quantize", "int8", *flags])
     except SystemExit as e:
         code = e.code
@@ -59,7 +61,8 @@ def test_question_span_survives_a_strong_press(home):  # noqa: F811
     from kvjax.prompts import bucket, encode_chat
     from kvjax.session import tail_len
 
-    args = build_parser().parse_args(["--max-new-tokens", "3", "--press", "knorm", "--compression-ratio", "0.9",
+    args = build_parser().parse_args(["--demo", "llama",
+                                      "--max-new-tokens", "3", "--press", "knorm", "--compression-ratio", "0.9",
                                       "--press-protect", "question", "--kv-quantize", "int8", "--quiet",
                                       "--max-tokens", "128"])
     session = build_session(args)
