@@ -27,6 +27,9 @@ from kvjax.errors import KVJaxError
 from kvjax.sampling import GREEDY, Sampling
 
 
+WATERMARK_PAGES_PER_SEQ = 1  # free pages an admission leaves for each running sequence to grow into
+
+
 @dataclasses.dataclass(kw_only=True)
 class Request:
     """prompt: token ids or text (the engine needs a tokenizer for text). embeds: float [T, H] input
@@ -119,7 +122,8 @@ class Scheduler:
         if not self.allocator.can_open(n):
             return False
         holders = len(self.running) + num_admitted
-        return holders == 0 or self.allocator.num_free - self.allocator.pages_for(n) >= holders
+        headroom = WATERMARK_PAGES_PER_SEQ * holders
+        return holders == 0 or self.allocator.num_free - self.allocator.pages_for(n) >= headroom
 
     def schedule(self) -> Batch | None:
         admitted, num_tokens = [], 0

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from bench_serving import add_variant_flags, make_method, parse_variants
 from inference.engine import Engine, pages_in
 from inference.paged_cache import PagedKVCache
-from inference.scheduler import Request
+from inference.scheduler import WATERMARK_PAGES_PER_SEQ, Request
 
 
 def parse_args(argv):
@@ -99,11 +99,13 @@ def budget_case(parts, variants, args, kv_lens) -> dict:
         kv_len = kv_lens.get(name, int(args.prompt_len * (1 - ratio)))  # measured by the sweep, else estimated
         pages_c = -(-(kv_len + args.warmup_steps + args.decode_steps + 1) // args.page_size)
         num_pages = pages_in(budget, None, cfg, args.page_size, dtype, kv_dtype)
-        # Prefill one at a time: each sequence is compressed before the next is admitted.
+        # Prefill one at a time: each sequence is compressed before the next is admitted, and an admission
+        # leaves the scheduler's watermark free for each sequence already running.
         if num_pages < pages:
             raise kvjax.KVJaxError(f"--kv-cache-bytes={budget} holds {num_pages} pages for variant {name}, "
                                    f"fewer than one uncompressed sequence ({pages}); raise it")
-        fit = (num_pages - pages) // pages_c + 1 if compressor is not None else num_pages // pages
+        held = pages_c if compressor is not None else pages
+        fit = (num_pages - pages) // (held + WATERMARK_PAGES_PER_SEQ) + 1
         rows[name] = run_decode(parts, compressor, kv_dtype, fit, args, kv_cache_bytes=budget, prefill_batch=1)
     ref = next(iter(rows.values()))
     return {"kv_cache_bytes": budget, "seq_pages": pages, "variants": rows,
