@@ -102,7 +102,7 @@ class Engine:
         for step in steps_of(request.compression):  # refuse now what compression would refuse later
             if isinstance(step, Press):
                 step.check(len(ids))
-        self.scheduler.check_fits(self.num_requests, len(ids))
+        self.scheduler.check_fits(len(ids))
         return ids
 
     def _queue(self, request: Request, prompt_ids: list[int]) -> int:

@@ -99,16 +99,16 @@ class Scheduler:
         self.running: list[Sequence] = []  # prefilled, in admission order
         self.ended: list[Sequence] = []  # finished while scheduling (the pool ran out); the engine drains it
 
-    def check_fits(self, request_id: int, prompt_len: int) -> None:
+    def check_fits(self, prompt_len: int) -> None:
         """Refuse a prompt that could never be prefilled, even alone in the pool."""
         pool = self.allocator.num_pages * self.allocator.page_size
         if prompt_len + 1 > min(self.capacity, pool):
-            raise KVJaxError(f"request {request_id}: a prompt of {prompt_len} tokens never fits ({self.capacity} "
+            raise KVJaxError(f"a prompt of {prompt_len} tokens never fits ({self.capacity} "
                              f"slots per sequence, {self.allocator.num_pages} pages of {self.allocator.page_size}); "
                              "raise max_model_len / num_pages or shorten the prompt")
 
     def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.request_id, len(seq.prompt_ids))
+        self.check_fits(len(seq.prompt_ids))
         self.waiting.append(seq)
 
     @property

@@ -34,7 +34,8 @@ def build_parser() -> Parser:
     p.add_argument("--methods", nargs="+", default=["knorm:0.25,0.5", "int8"],
                    help="methods to sweep: none, int8, PRESS:R1,R2 (see kvjax.presses.list_presses()), ccm:FACTOR; "
                         "end a PRESS or ccm spec in +int8 to quantize what it kept, e.g. knorm:0.5+int8")
-    p.add_argument("--text", default=str(DEFAULT_TEXT), help="text file for perplexity (default: %(default)s)")
+    p.add_argument("--text", help=f"text file for perplexity (default: {DEFAULT_TEXT}; with --suite, the shipped "
+                                  "held-out books)")
     p.add_argument("--prompts", help="file with one prompt per line for agreement/KL (default: slices of --text)")
     p.add_argument("--context-len", type=positive_int, default=192, help="tokens prefilled, then compressed")
     p.add_argument("--continuation-len", type=positive_int, default=64, help="tokens scored after compression")
@@ -71,7 +72,8 @@ def run(args) -> dict:
         raise KVJaxError(f"{model_dir} is a vision-language model; evaluate its language model directory instead")
     methods = evaluation.parse_methods(args.methods, cfg, compressor_dir=args.kv_compress_ckpt,
                                        press_options=parse_options(args.press_option))
-    ids = tokenizer.encode(_read(args.text, "text"), add_special_tokens=False)
+    text_path = args.text or str(DEFAULT_TEXT)
+    ids = tokenizer.encode(_read(text_path, "text"), add_special_tokens=False)
     if args.prompts:
         lines = [line for line in _read(args.prompts, "prompt file").splitlines() if line.strip()]
         prompts = [tokenizer.encode(line) for line in lines]
@@ -93,7 +95,7 @@ def run(args) -> dict:
         row["kv_bytes_ratio"] = row["kv_bytes"] / full_bytes
         if row["kv_quantize"] == "int8" or row["compression_ratio"] is None:
             row["compression_ratio"] = 1 - row["kv_bytes_ratio"]
-    report = {"model_dir": str(model_dir), "text": args.text, "context_len": args.context_len,
+    report = {"model_dir": str(model_dir), "text": text_path, "context_len": args.context_len,
               "continuation_len": args.continuation_len, "num_windows": args.num_windows,
               "num_prompts": len(prompts), "gen_len": args.gen_len, "dtype": args.dtype,
               "timing_note": "ttft_s / tpot_s are medians; the first window of each method includes compilation",
@@ -124,7 +126,7 @@ def run_suite(args) -> dict:
         if not ckpts:
             print("kvjax: no --kv-compress-ckpt for this model: the table has no CCM rows", file=sys.stderr)
     compressors = [load_compressor(c, cfg, dtype=args.dtype) for c in ckpts]
-    text = _read(args.text, "text") if args.text != str(DEFAULT_TEXT) else defaults.HELD_OUT_TEXT.read_text()
+    text = _read(args.text or str(defaults.HELD_OUT_TEXT), "text")
     report = {"model": str(model_dir), "compressors": [str(c) for c in ckpts],
               **fidelity.run(model, tokenizer, text, compressors, fidelity.QUICK if args.quick else
                              fidelity.FidelityConfig(), progress=not args.quiet)}
