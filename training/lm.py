@@ -174,6 +174,13 @@ class Batches:
         return {"tokens": tokens, "weights": weights}
 
 
+def prose_batch(tokenizer, text: str, cfg: LMConfig) -> dict[str, np.ndarray]:
+    """Fixed full-length prose windows of `text` (the validation loss): no retrieval, copy or short rows,
+    so the figure means the same whatever mix a run trains on."""
+    prose = dataclasses.replace(cfg, retrieval_share=0.0, copy_share=0.0, short_seq_len=0, seed=cfg.seed + 1)
+    return Batches(tokenizer, text, prose)(0)
+
+
 def encode_conversation(tokenizer, task: retrieval.Task, follow_ups=()) -> tuple[list[int], list[tuple[int, int]]]:
     """A task as chat turns (context and question, then one turn per (name, code) follow-up), each
     reply the record again -> (ids, [start, end) of each reply with its <|end|>)."""

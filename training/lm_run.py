@@ -55,8 +55,7 @@ def _latest_params(ocp, work: pathlib.Path, template):
 
 def validate(graphdef, params, tokenizer, texts, cfg: lm.LMConfig, num_tasks: int = 16) -> dict:
     """Loss on the validation books (fixed windows) and greedy exact-match on retrieval tasks."""
-    valid = lm.Batches(tokenizer, texts["validation"], dataclasses.replace(cfg, retrieval_share=0.0, seed=cfg.seed + 1))
-    loss, _ = lm.eval_loss(params, graphdef, valid(0))
+    loss, _ = lm.eval_loss(params, graphdef, lm.prose_batch(tokenizer, texts["validation"], cfg))
     model = nnx.merge(graphdef, params)
     sentences, correct = retrieval.sentences(texts["validation"]), 0
     for i in range(num_tasks):

@@ -120,3 +120,10 @@ def test_copy_rows_repeat_a_span_and_weigh_only_the_repeats(tokenizer):
         stream = batches.stream  # the span is a piece of the prose
         assert any(np.array_equal(row[:period], stream[i:i + period]) for i in range(len(stream) - period))
         assert not weights[:period - 1].any() and weights[period - 1:].all()
+
+
+def test_validation_batch_is_prose_only_whatever_the_training_mix(tokenizer):
+    mix = dataclasses.replace(CFG, copy_share=0.5, retrieval_share=0.5, short_seq_len=48, short_share=1.0)
+    batch = lm.prose_batch(tokenizer, DEMO_TEXT, mix)
+    assert batch["tokens"].shape == (CFG.batch_size, CFG.seq_len + 1) and (batch["weights"] == 1.0).all()
+    np.testing.assert_array_equal(batch["tokens"], lm.prose_batch(tokenizer, DEMO_TEXT, CFG)["tokens"])
