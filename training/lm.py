@@ -139,8 +139,8 @@ class Batches:
 
     def copy_row(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """A span of the prose (8 to seq_len / 4 tokens) repeated to fill the row, weighted on the
-        repeats only: the lesson behind copying a code from the context (an induction head), with
-        the corpus's own token statistics (random tokens skew them and hurt the prose)."""
+        repeats only: the lesson behind copying a code from the context (an induction head), in the
+        corpus's own tokens."""
         length = int(rng.integers(8, max(seq_len // 4, 9)))
         start = int(rng.integers(len(self.stream) - length))
         span = self.stream[start:start + length]
