@@ -37,8 +37,9 @@ class Result:
     latency_s: float  # arrival -> last token
     num_preempted: int
     compressed_len: int | None  # kv_len after compression
-    finish_reason: str = "length"  # "stop" (EOS) | "length" | "error" (refused: see error)
+    finish_reason: str = "length"  # "stop" (EOS) | "length" | "abort" | "error" (refused: see error)
     error: str | None = None  # why the request was refused; nothing ran for it
+    prompt_len: int = 0  # prompt tokens
 
 
 class Engine:
@@ -46,12 +47,14 @@ class Engine:
     kv_cache_bytes: as many pages as fit in these bytes; kv_cache_dtype: None (the model's dtype) or
     "int8" (one float32 scale per token and KV head: about 3.6x the pages of float32 per byte);
     max_model_len: slots one sequence may hold; prefill / decoding_batch_size: rows per step (a
-    prefill batch's compression runs on the same rows);
+    prefill batch's compression runs on the same rows); compress_batch_size: at most this many rows
+    of a prefill batch carry a compression method (default: prefill_batch_size); seed: derives the
+    sampling seed of requests that bring none;
     check_invariants: verify the allocator after every step (tests)."""
 
     def __init__(self, model, *, tokenizer=None, dtype: str = "float32", page_size: int = 16,
                  num_pages: int | None = None, max_num_seqs: int = 32, max_model_len: int = 1024,
-                 prefill_batch_size: int = 4, decoding_batch_size: int = 32,
+                 prefill_batch_size: int = 4, decoding_batch_size: int = 32, compress_batch_size: int | None = None,
                  max_prefill_tokens: int = 1 << 30, eos_ids=None, seed: int = 0, check_invariants: bool = False,
                  kv_cache_dtype: str | None = None, kv_cache_bytes: int | None = None,
                  clock: Callable[[], float] = time.perf_counter):
@@ -68,13 +71,13 @@ class Engine:
         num_pages = num_pages or max_num_seqs * max_pages_per_seq
         self.allocator = PageAllocator(num_pages, max_num_seqs, page_size)
         cache = PagedKVCache.for_model(cfg, num_pages, page_size, max_num_seqs, dtype, kv_cache_dtype)
-        self.runner = Runner(self.parts, cache, self.allocator, max_pages_per_seq, seed=seed,
+        self.runner = Runner(self.parts, cache, self.allocator, max_pages_per_seq,
                              prefill_batch_size=prefill_batch_size, decoding_batch_size=decoding_batch_size)
         self.scheduler = Scheduler(self.allocator, max_pages_per_seq=max_pages_per_seq,
                                    prefill_batch_size=prefill_batch_size, decoding_batch_size=decoding_batch_size,
-                                   max_prefill_tokens=max_prefill_tokens,
+                                   compress_batch_size=compress_batch_size, max_prefill_tokens=max_prefill_tokens,
                                    eos_ids=cfg.eos_token_ids if eos_ids is None else eos_ids)
-        self.check_invariants, self.clock = check_invariants, clock
+        self.check_invariants, self.clock, self.seed = check_invariants, clock, seed
         self.num_requests = 0
         self.finished: list[Sequence] = []
         self.stats = {"steps": {"prefill": 0, "compress": 0, "decode": 0}, "pages_freed_by_compression": 0,
@@ -83,7 +86,7 @@ class Engine:
     def add_request(self, request: Request) -> int:
         """Validate a request and queue it now; returns its id. A bad request raises KVJaxError and
         changes nothing."""
-        return self._queue(request, self.validate(request))
+        return self.enqueue(request, self.validate(request)).request_id
 
     def validate(self, request: Request) -> list[int]:
         """The request's prompt ids, or KVJaxError naming what is wrong with it."""
@@ -105,12 +108,15 @@ class Engine:
         self.scheduler.check_fits(len(ids))
         return ids
 
-    def _queue(self, request: Request, prompt_ids: list[int]) -> int:
+    def enqueue(self, request: Request, prompt_ids: list[int]) -> Sequence:
+        """Queue a request whose prompt `validate` returned; its Sequence (the id, the output so far)."""
         seq = Sequence(self.num_requests, request, prompt_ids)
+        seed = request.seed if request.seed is not None else self.seed * 1_000_003 + seq.request_id
+        seq.seed = int(seed) % (1 << 31)  # an int32 on the device
         seq.times["arrival"] = self.clock()
         self.scheduler.add(seq)
         self.num_requests += 1
-        return seq.request_id
+        return seq
 
     def _check_embeds(self, embeds, prompt):
         """embeds [T, H] of the model's hidden size; prompt ids, if given, must have T entries."""
@@ -142,6 +148,15 @@ class Engine:
             self.allocator.check({s.slot: s.kv_len for s in self.scheduler.running})
         return finished
 
+    def abort(self, request_id: int) -> Sequence | None:
+        """Stop a queued or running request now and return its pages to the pool (finish_reason
+        "abort"); None if it is not queued or running."""
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            seq.times["finish"] = self.clock()
+            self.finished.append(seq)
+        return seq
+
     def _drain_ended(self) -> list[Sequence]:
         """Sequences the scheduler finished while building a batch (the pool ran out)."""
         ended, self.scheduler.ended = self.scheduler.ended, []
@@ -166,7 +181,7 @@ class Engine:
             elapsed = self.clock() - start
             while pending and requests[pending[0]].arrival_s <= elapsed:
                 index = pending.pop(0)
-                ids[index] = self._queue(requests[index], prompts[index])
+                ids[index] = self.enqueue(requests[index], prompts[index]).request_id
             if not self.scheduler.has_work:  # idle until the next arrival
                 time.sleep(max(0.0, min(requests[pending[0]].arrival_s - elapsed, 0.05)))
                 continue
@@ -174,15 +189,16 @@ class Engine:
             if progress is not None and finished:
                 progress(len(finished))
         by_id = {seq.request_id: seq for seq in self.finished if seq.request_id >= first_id}
-        return [self._result(by_id[ids[i]]) if i in ids else refused(errors[i]) for i in range(len(requests))]
+        return [self.result_of(by_id[ids[i]]) if i in ids else refused(errors[i]) for i in range(len(requests))]
 
-    def _result(self, seq: Sequence) -> Result:
+    def result_of(self, seq: Sequence) -> Result:
         t = seq.times
         num = len(seq.output)
         text = self.tokenizer.decode(seq.output) if self.tokenizer is not None else None
-        return Result(seq.request_id, list(seq.output), text, t["first_token"] - t["arrival"],
-                      (t["finish"] - t["first_token"]) / max(num - 1, 1), t["finish"] - t["arrival"],
-                      seq.num_preempted, t.get("compressed_len"), seq.finish_reason)
+        first = t.get("first_token", float("nan"))  # none for a request aborted before its prefill
+        return Result(seq.request_id, list(seq.output), text, first - t["arrival"],
+                      (t["finish"] - first) / max(num - 1, 1), t["finish"] - t["arrival"],
+                      seq.num_preempted, t.get("compressed_len"), seq.finish_reason, prompt_len=len(seq.prompt_ids))
 
 
 def refused(error: str) -> Result:

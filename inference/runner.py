@@ -8,8 +8,8 @@ It owns every phase of a scheduled batch through one `run(batch)`:
   decode   one token per sequence, read through the page table.
 
 Shapes are bucketed (batch rows, table width, prompt length: powers of two), so a run compiles a
-small known set of programs however batches come and go. Each step samples on the device and
-syncs with the host once; pages freed by compression go back through the scheduler.
+small known set of programs however batches come and go. Each step samples on the device (every row with its own
+request's config and seed) and syncs with the host once; pages freed by compression go back through the scheduler.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from inference.paged_cache import PageAllocator, PagedKVCache, batch_view, commi
 from kvjax.compression import observing_press
 from kvjax.compression.presses import forward_observed, ratio_free
 from kvjax.prompts import bucket
-from kvjax.sampling import Sampling, sample
+from kvjax.sampling import sample_rows
 from kvjax.steps import SplitModel, forward_hidden, last_logits
 
 
@@ -38,41 +38,55 @@ class StepOutput(NamedTuple):
     kv_lens: list[int] | None = None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 9, 10), donate_argnums=(2,))
-def _prefill(graphdef, state, cache, rows, table, tokens, lengths, embeds, rng, sampling, press):
+class RowSampling(NamedTuple):
+    """Per batch row: its request's sampling config, seed and tokens sampled so far (`sample_rows`)."""
+
+    seeds: np.ndarray
+    counters: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+
+    @classmethod
+    def of(cls, seqs, batch: int) -> "RowSampling":
+        rows = cls(np.zeros(batch, np.int32), np.zeros(batch, np.int32), np.zeros(batch, np.float32),
+                   np.zeros(batch, np.int32), np.ones(batch, np.float32))
+        for row, seq in enumerate(seqs):
+            config = seq.request.sampling
+            rows.seeds[row], rows.counters[row] = seq.seed, len(seq.output)
+            rows.temperature[row], rows.top_k[row], rows.top_p[row] = config.temperature, config.top_k, config.top_p
+        return rows
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(2,))
+def _prefill(graphdef, state, cache, rows, table, tokens, lengths, embeds, sampling, press):
     batch = batch_view(cache, rows, table, fresh=True)
     hidden, batch, observations = forward_observed(graphdef, state, batch, tokens, lengths, embeds, press=press)
     logits = last_logits(graphdef, state, hidden, lengths)
-    return sample(logits, rng, sampling), commit(cache, rows, batch), observations
+    return sample_rows(logits, *sampling), commit(cache, rows, batch), observations
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(2,))
-def _decode(graphdef, state, cache, rows, table, tokens, active, rng, sampling):
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _decode(graphdef, state, cache, rows, table, tokens, active, sampling):
     batch = batch_view(cache, rows, table)
     hidden, batch = forward_hidden(graphdef, state, batch, tokens[:, None], active.astype(jnp.int32))
     logits = last_logits(graphdef, state, hidden, active.astype(jnp.int32))
-    return sample(logits, rng, sampling), commit(cache, rows, batch)
+    return sample_rows(logits, *sampling), commit(cache, rows, batch)
 
 
 class Runner:
     """Holds the split model, the page pool and (read-only) the allocator's page tables."""
 
     def __init__(self, parts: SplitModel, cache: PagedKVCache, allocator: PageAllocator, max_pages_per_seq: int,
-                 *, prefill_batch_size: int, decoding_batch_size: int, seed: int = 0):
+                 *, prefill_batch_size: int, decoding_batch_size: int):
         self.parts, self.cache, self.allocator = parts, cache, allocator
         self.max_pages_per_seq = max_pages_per_seq
         self.prefill_batch_size, self.decoding_batch_size = prefill_batch_size, decoding_batch_size
-        self.rng = jax.random.key(seed)
-        self.num_calls = 0
         self.num_compress_calls = 0
 
     def run(self, batch) -> StepOutput:
         """Run one scheduled batch (`inference.scheduler.Batch`) on the device."""
         return self._prefill_batch(batch.seqs) if batch.kind == "prefill" else self._decode_batch(batch.seqs)
-
-    def _next_rng(self):
-        self.num_calls += 1
-        return jax.random.fold_in(self.rng, self.num_calls)
 
     def _rows_and_table(self, slots, num_tokens: int, max_batch: int):
         batch = bucket(len(slots), max_batch)
@@ -82,21 +96,21 @@ class Runner:
         return rows, self.allocator.table(slots, width, batch), batch
 
     def _prefill_batch(self, seqs) -> StepOutput:
-        """One prefill per static setting (sampling, method, embeds or not), then its compression."""
+        """One prefill per static setting (method, embeds or not), then its compression."""
         groups: dict = {}
         for index, seq in enumerate(seqs):
             request = seq.request
-            key = (request.sampling, request.compression, request.rope_positions, request.embeds is not None)
+            key = (request.compression, request.rope_positions, request.embeds is not None)
             groups.setdefault(key, []).append(index)
         tokens, kv_lens = [0] * len(seqs), [0] * len(seqs)
-        for (sampling, method, rope_positions, has_embeds), indices in groups.items():
+        for (method, rope_positions, has_embeds), indices in groups.items():
             group = [seqs[i] for i in indices]
-            first, lens = self._prefill_group(group, sampling, method, rope_positions, has_embeds)
+            first, lens = self._prefill_group(group, method, rope_positions, has_embeds)
             for i, token, length in zip(indices, first, lens):
                 tokens[i], kv_lens[i] = token, length
         return StepOutput(tokens, kv_lens)
 
-    def _prefill_group(self, seqs, sampling: Sampling, method, rope_positions, has_embeds: bool):
+    def _prefill_group(self, seqs, method, rope_positions, has_embeds: bool):
         slots, prompts = [s.slot for s in seqs], [s.prompt_ids for s in seqs]
         max_len = max(len(p) for p in prompts)
         rows, table, batch = self._rows_and_table(slots, max_len, self.prefill_batch_size)
@@ -114,8 +128,8 @@ class Runner:
                 embeds[row, :len(seq.prompt_ids)] = np.asarray(seq.request.embeds, np.float32)
         press = observing_press(method)
         out, self.cache, observations = _prefill(
-            self.parts.graphdef, self.parts.state, self.cache, rows, table, tokens, lengths, embeds, self._next_rng(),
-            sampling, None if press is None else ratio_free(press))  # what it records is the same for every ratio
+            self.parts.graphdef, self.parts.state, self.cache, rows, table, tokens, lengths, embeds,
+            RowSampling.of(seqs, batch), None if press is None else ratio_free(press))  # what it records is the same for every ratio
         first = np.asarray(out)[:len(slots)].tolist()
         if method is None:
             return first, [len(p) for p in prompts]
@@ -146,5 +160,5 @@ class Runner:
         feed[:len(seqs)] = [s.next_token for s in seqs]
         active = np.arange(batch) < len(seqs)
         out, self.cache = _decode(self.parts.graphdef, self.parts.state, self.cache, rows, table, feed, active,
-                                  self._next_rng(), seqs[0].request.sampling)
+                                  RowSampling.of(seqs, batch))
         return StepOutput(np.asarray(out)[:len(seqs)].tolist())

@@ -23,7 +23,7 @@ import enum
 from typing import Any
 
 from inference.paged_cache import PageAllocator
-from kvjax.errors import KVJaxError
+from kvjax.errors import KVJaxError, PromptTooLong
 from kvjax.sampling import GREEDY, Sampling
 
 
@@ -36,8 +36,10 @@ class Request:
     embeddings of the prompt instead (a VLM prompt with its image features, e.g. from
     `kvjax.multimodal.embed_prompt`); prompt may then be omitted. compression: anything
     `kvjax.compress` takes (a CCM compressor, any press, including those that read the prefill or
-    give each layer its own budget, such as PyramidKV); image_len: the image prefix for CCM; arrival_s: offset from the
-    start of `Engine.generate`."""
+    give each layer its own budget, such as PyramidKV); image_len: the image prefix for CCM; seed:
+    the sampling seed (None: one derived from the engine's seed and the request id): a request's
+    sampled tokens depend on its seed alone, not on what it is batched with; arrival_s: offset from
+    the start of `Engine.generate`."""
 
     prompt: Any = None
     embeds: Any = None
@@ -46,6 +48,7 @@ class Request:
     compression: Any = None
     image_len: int = 0
     rope_positions: str | None = None
+    seed: int | None = None
     arrival_s: float = 0.0
 
 
@@ -64,8 +67,10 @@ class Sequence:
     slot: int = -1
     kv_len: int = 0  # host mirror of the device kv_len of the slot
     output: list[int] = dataclasses.field(default_factory=list)
+    replay: list[int] = dataclasses.field(default_factory=list)  # output before a preemption, fed again
     num_preempted: int = 0
-    finish_reason: str | None = None  # "stop" (EOS) | "length" (max_new_tokens, sequence or pool full)
+    seed: int = 0  # sampling seed (the request's, or the engine's derived one)
+    finish_reason: str | None = None  # "stop" (EOS) | "length" (max_new_tokens, sequence or pool full) | "abort"
     times: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -85,14 +90,18 @@ class Batch:
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, *, max_pages_per_seq: int, prefill_batch_size: int,
-                 decoding_batch_size: int, max_prefill_tokens: int = 1 << 30, eos_ids=()):
-        for name, value in (("prefill_batch_size", prefill_batch_size), ("decoding_batch_size", decoding_batch_size)):
+                 decoding_batch_size: int, compress_batch_size: int | None = None, max_prefill_tokens: int = 1 << 30,
+                 eos_ids=()):
+        compress_batch_size = prefill_batch_size if compress_batch_size is None else compress_batch_size
+        for name, value in (("prefill_batch_size", prefill_batch_size), ("decoding_batch_size", decoding_batch_size),
+                            ("compress_batch_size", compress_batch_size)):
             if value <= 0:
                 raise KVJaxError(f"{name} must be > 0, got {value}")
         self.allocator = allocator
         self.max_pages_per_seq = max_pages_per_seq
         self.capacity = max_pages_per_seq * allocator.page_size  # slots one sequence may hold
         self.prefill_batch_size, self.decoding_batch_size = prefill_batch_size, decoding_batch_size
+        self.compress_batch_size = compress_batch_size  # rows of a prefill batch that compress right after it
         self.max_prefill_tokens, self.eos_ids = max_prefill_tokens, set(eos_ids)
         self.num_pages_freed_by_compression = 0
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -103,7 +112,7 @@ class Scheduler:
         """Refuse a prompt that could never be prefilled, even alone in the pool."""
         pool = self.allocator.num_pages * self.allocator.page_size
         if prompt_len + 1 > min(self.capacity, pool):
-            raise KVJaxError(f"a prompt of {prompt_len} tokens never fits ({self.capacity} "
+            raise PromptTooLong(f"a prompt of {prompt_len} tokens never fits ({self.capacity} "
                              f"slots per sequence, {self.allocator.num_pages} pages of {self.allocator.page_size}); "
                              "raise max_model_len / num_pages or shorten the prompt")
 
@@ -126,13 +135,16 @@ class Scheduler:
         return holders == 0 or self.allocator.num_free - self.allocator.pages_for(n) >= headroom
 
     def schedule(self) -> Batch | None:
-        admitted, num_tokens = [], 0
+        admitted, num_tokens, num_compressing = [], 0, 0
         while (self.waiting and len(admitted) < self.prefill_batch_size
                and num_tokens + len(self.waiting[0].prompt_ids) <= self.max_prefill_tokens
+               and not (self.waiting[0].request.compression is not None
+                        and num_compressing == self.compress_batch_size)
                and self._can_admit(self.waiting[0], len(admitted))):
             seq = self.waiting.popleft()
             seq.slot = self.allocator.open(len(seq.prompt_ids))
             num_tokens += len(seq.prompt_ids)
+            num_compressing += seq.request.compression is not None
             admitted.append(seq)
         if admitted:
             return Batch("prefill", tuple(admitted))
@@ -141,12 +153,11 @@ class Scheduler:
     def _decode_batch(self) -> Batch | None:
         if not self.running:
             return None
-        sampling = self.running[0].request.sampling
         chosen = []
         for seq in list(self.running):
             if len(chosen) == self.decoding_batch_size:
                 break
-            if seq.request.sampling != sampling or seq not in self.running:
+            if seq not in self.running:  # preempted for an older one
                 continue
             # The next token is written at slot kv_len; a full sequence stops (as kvjax.generate).
             while not self.allocator.grow(seq.slot, seq.kv_len + 1):
@@ -162,12 +173,27 @@ class Scheduler:
         return Batch("decode", tuple(chosen)) if chosen else None
 
     def preempt(self, seq: Sequence) -> None:
-        """Give back the sequence's pages and slot; it restarts from its prompt."""
+        """Give back the sequence's pages and slot; it restarts from its prompt, replaying its output."""
         self.running.remove(seq)
         self.allocator.close(seq.slot)
+        if len(seq.output) > len(seq.replay):
+            seq.replay = seq.output
         seq.phase, seq.slot, seq.kv_len, seq.output = Phase.WAITING, -1, 0, []
         seq.num_preempted += 1
         self.waiting.appendleft(seq)
+
+    def abort(self, request_id: int) -> Sequence | None:
+        """Drop a waiting or running sequence now (its pages go back to the pool); finish_reason
+        "abort". None when no such sequence is queued or running (it may have finished already)."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.phase, seq.finish_reason = Phase.FINISHED, "abort"
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                return self._finish(seq, "abort")
+        return None
 
     def postprocess(self, batch: Batch, tokens: list[int], kv_lens: list[int] | None, now: float) -> list[Sequence]:
         """Record a run's output (per sequence of the batch: its next token and, after a prefill, the
@@ -177,6 +203,8 @@ class Scheduler:
         for index, (seq, token) in enumerate(zip(batch.seqs, tokens)):
             if seq.phase is Phase.WAITING and batch.kind == "decode":
                 continue  # preempted while this batch was built: it restarts from its prompt
+            if len(seq.output) < len(seq.replay):  # restarted after a preemption: its earlier tokens again
+                token = seq.replay[len(seq.output)]
             seq.output.append(token)
             if batch.kind == "prefill":
                 seq.times.setdefault("first_token", now)

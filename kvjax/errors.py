@@ -7,3 +7,7 @@ class KVJaxError(Exception):
 
 class CheckpointError(KVJaxError):
     """A model or compressor checkpoint is missing, corrupt or does not match."""
+
+
+class PromptTooLong(KVJaxError):
+    """A prompt that does not fit the KV cache (or a serving engine's sequence or pool)."""

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def method_from_flags(args, cfg, dtype):
     """The compression method the flags ask for: a press or a CCM compressor, then int8; or None."""
     from kvjax.compression import Int8KV
-    from kvjax.compression.presses import PRESSES, ScorerPress, get_press
+    from kvjax.compression.presses import press_with_ratio, takes_ratio
 
     if args.press is not None and (args.kv_compress or args.kv_compress_ckpt):
         raise KVJaxError("pass either --press or --kv-compress, not both")
@@ -73,10 +73,9 @@ def method_from_flags(args, cfg, dtype):
         raise KVJaxError("--compression-ratio sets a press's budget: add --press NAME (e.g. --press knorm) or drop it")
     steps = []
     if args.press is not None:
-        # Seed 004's methods take their own budget options instead of a ratio.
-        is_ratio = isinstance(PRESSES.get(args.press), type) and issubclass(PRESSES[args.press], ScorerPress)
-        ratio = {"compression_ratio": 0.5 if args.compression_ratio is None else args.compression_ratio}
-        steps.append(get_press(args.press, **{**(ratio if is_ratio else {}), **parse_options(args.press_option)}))
+        # Seed 004's methods take their own budget options instead of a ratio (chat ignores one for them).
+        ratio = args.compression_ratio if takes_ratio(args.press) else None
+        steps.append(press_with_ratio(args.press, ratio, parse_options(args.press_option)))
     elif args.kv_compress or args.kv_compress_ckpt:
         if args.kv_compress_ckpt is None and not args.quiet:
             print("kvjax: no --kv-compress-ckpt given: compressing with an UNTRAINED random compressor "

@@ -39,8 +39,6 @@ def _check_image(image, name: str):
 
 def open_image(source) -> "Image.Image":  # noqa: F821 (PIL imported lazily)
     """A path (str / Path) or PIL image -> RGB PIL image; raises ImageError naming the problem."""
-    from PIL import Image, UnidentifiedImageError
-
     if not isinstance(source, (str, pathlib.Path)):
         return _check_image(source, "the image")
     path = pathlib.Path(source).expanduser()
@@ -50,16 +48,31 @@ def open_image(source) -> "Image.Image":  # noqa: F821 (PIL imported lazily)
         raise ImageError(f"image path {str(path)!r} is not a file; pass an image file (PNG, JPEG, ...)")
     if path.stat().st_size == 0:
         raise ImageError(f"image file {str(path)!r} is empty (0 bytes); pass a real image file")
+    return _decode(path, f"image file {str(path)!r}")
+
+
+def image_from_bytes(data: bytes, name: str = "the image") -> "Image.Image":  # noqa: F821
+    """Encoded image bytes (e.g. a data: URL's payload) -> RGB PIL image; raises ImageError."""
+    import io
+
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes); send a real image")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source, name: str):
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()  # decode now: truncated files fail here, not later
-            return _check_image(image, f"image file {str(path)!r}")
+            return _check_image(image, name)
     except UnidentifiedImageError:
-        raise ImageError(f"{str(path)!r} is not an image file PIL can read; pass a PNG, JPEG, GIF, BMP or WebP")
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
-        raise ImageError(f"cannot decode image file {str(path)!r} ({e}); the file is corrupt or truncated")
+        raise ImageError(f"{name} is not an image file PIL can read; pass a PNG, JPEG, GIF, BMP or WebP")
     except Image.DecompressionBombError as e:
-        raise ImageError(f"image file {str(path)!r} is too large to decode safely ({e})")
+        raise ImageError(f"{name} is too large to decode safely ({e})")
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        raise ImageError(f"cannot decode {name} ({e}); it is corrupt or truncated")
 
 
 def load_clip_processor(model_dir):

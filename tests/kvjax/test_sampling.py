@@ -54,3 +54,28 @@ def test_temperature_divides_the_logits(temperature):
 def test_bad_sampling_values_are_rejected(kwargs):
     with pytest.raises(KVJaxError):
         Sampling(**kwargs)
+
+
+def test_rows_sample_with_their_own_config_and_seed_whatever_their_batch():
+    """sample_rows: a greedy row is argmax beside sampled rows; filters apply per row; a row's draw
+    depends on its own seed and counter only, not on the other rows of its batch."""
+    from kvjax.sampling import sample_rows
+
+    def rows(configs):  # configs: (logits row, seed, counter, temperature, top_k, top_p) per row
+        logits, seeds, counters, temperature, top_k, top_p = zip(*configs)
+        return np.asarray(jax.jit(sample_rows)(
+            jnp.stack(logits), jnp.asarray(seeds, jnp.int32), jnp.asarray(counters, jnp.int32),
+            jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)))
+
+    a, b, n = LOGITS[0], LOGITS[1], 300
+    mixed = rows([cfg for c in range(n) for cfg in ((a, c, c, 0, 0, 1), (a, 5, c, 1, 0, 1), (a, 9, c, 1, 1, 1),
+                                                    (b, 4, c, 1, 0, 1e-6))]).reshape(n, 4)
+    np.testing.assert_array_equal(mixed[:, 0], 0)  # greedy
+    freq = np.bincount(mixed[:, 1], minlength=4) / n  # temperature 1, no filter: the distribution
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.08)
+    np.testing.assert_array_equal(mixed[:, 2], 0)  # top_k 1
+    np.testing.assert_array_equal(mixed[:, 3], 3)  # a tiny nucleus: the top token
+    alone = rows([(a, 5, c, 1, 0, 1) for c in range(n)])  # seed 5's row without its neighbours
+    np.testing.assert_array_equal(alone, mixed[:, 1])
+    assert (rows([(a, 6, c, 1, 0, 1) for c in range(n)]) != alone).any()  # another seed, other draws
+    np.testing.assert_array_equal(rows([(a, 1, 0, 0, 0, 1), (b, 1, 0, 0, 0, 1)]), [0, 3])  # all greedy

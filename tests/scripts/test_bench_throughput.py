@@ -60,6 +60,6 @@ def test_plots_name_every_variant(tmp_path, monkeypatch):
                            "fixed_budget": {"kv_cache_bytes": 4096, "variants": {"baseline": row, "ccm+int8": row}}},
                           tmp_path / "throughput.png")
     latency = {"p50": 0.01, "p99": 0.02}
-    serving = dict(row, ttft_s=latency, tpot_s=latency)
+    serving = dict(row, ttft_s=latency, tpot_s=latency, peak_kv_bytes=8192)
     bench_serving.plot({"variants": {"baseline": serving, "ccm+int8": serving}}, tmp_path / "serving.png")
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "serving.png").stat().st_size > 0

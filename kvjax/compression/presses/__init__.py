@@ -49,8 +49,25 @@ def get_press(name: str, **kwargs) -> Press:
         raise KVJaxError(f"press {name!r}: {err}") from None
 
 
+def takes_ratio(name: str) -> bool:
+    """Whether the press is budgeted by compression_ratio (seed 004's take their own options)."""
+    return isinstance(PRESSES.get(name), type) and issubclass(PRESSES[name], ScorerPress)
+
+
+def press_with_ratio(name: str, ratio: float | None, options: dict | None = None) -> Press:
+    """get_press with a compression_ratio (default 0.5) for the presses budgeted by one; the others
+    take only their own options (a ratio given to one is an error)."""
+    options = dict(options or {})
+    if takes_ratio(name):
+        options.setdefault("compression_ratio", 0.5 if ratio is None else ratio)
+    elif ratio is not None and name in PRESSES:
+        raise KVJaxError(f"press {name!r} is not budgeted by a compression ratio; give its own options instead")
+    return get_press(name, **options)
+
+
 __all__ = [
     "Press", "PressInputs", "ScorerPress", "compute_n_kept", "apply_press", "compress_with_press", "kept_tokens",
     "forward_observed", "ratio_free", "list_presses", "get_press", "PRESSES",
+    "takes_ratio", "press_with_ratio",
     *(cls.__name__ for cls in PRESSES.values()),
 ]
