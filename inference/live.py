@@ -96,6 +96,8 @@ class LiveEngine:
     def shutdown(self, drain_s: float = 0.0) -> dict[str, int]:
         """Take no new requests; let running ones finish for up to drain_s seconds, then abort the
         rest. Returns {"finished": n, "aborted": m} of the requests in flight when it was called."""
+        if not self._thread.is_alive():  # already shut down (or failed)
+            return {"finished": 0, "aborted": 0}
         in_flight = list(self._handles)
         clock = self.engine.clock
 

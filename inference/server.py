@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn) over the live engine.
 
-    service = Service.load("kvjax/assets/default-llama")        # or Service(model, tokenizer, cfg, ...)
-    uvicorn.run(build_app(service), host="127.0.0.1", port=8000)  # what `python -m kvjax.serve` does
+    service = Service(model, tokenizer, cfg, name="my-model")   # kvjax.load's triple
+    uvicorn_server(service, build_app(service), "127.0.0.1", 8000).run()   # what `python -m kvjax.serve` does
 
 Endpoints: POST /v1/chat/completions (text, and for a VLM `image_url` parts as data: URLs),
 POST /v1/completions, GET /v1/models, /health, /metrics (Prometheus). Every request, from every
@@ -305,9 +305,7 @@ def build_app(service: Service) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        counts = await run_in_threadpool(service.live.shutdown, 0.0)  # uvicorn has already drained connections
-        log.warning("kvjax serve: shut down; of the requests still in flight, %d finished and %d were aborted",
-                    counts["finished"], counts["aborted"])
+        await run_in_threadpool(service.live.shutdown, 0.0)  # a no-op after DrainingServer's drain
 
     app = FastAPI(title="kvjax", lifespan=lifespan)
 
@@ -397,19 +395,39 @@ def build_app(service: Service) -> FastAPI:
     return app
 
 
-class BackgroundServer:
-    """Serve an app with uvicorn on a loopback port (0: a free one) in a thread: tests, load tests.
+def uvicorn_server(service: Service, app: FastAPI, host: str, port: int, log_level: str = "warning", **config):
+    """A uvicorn server whose shutdown first drains the engine: in-flight answers get up to
+    service.drain_s seconds to finish, then are aborted (each client receives its last chunk with
+    finish_reason "abort" rather than a cut connection), and the counts are logged."""
+    import uvicorn
 
-        with BackgroundServer(build_app(service)) as server:
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            in_flight = service.live.num_in_flight
+            if in_flight:
+                log.warning("kvjax serve: shutting down; %d requests in flight get up to %g s to finish",
+                            in_flight, service.drain_s)
+            drain = asyncio.get_running_loop().run_in_executor(None, service.live.shutdown, service.drain_s)
+            await super().shutdown(sockets)  # waits for the connections, which end once the engine has drained
+            counts = await drain
+            log.warning("kvjax serve: shut down; of the requests in flight, %d finished and %d were aborted",
+                        counts["finished"], counts["aborted"])
+
+    # Connections outlive the drain by a margin only if something hangs; log_config=None keeps the
+    # process's logging (uvicorn's own binds handlers to whatever sys.stderr is now, e.g. a test's).
+    return DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                         timeout_graceful_shutdown=service.drain_s + 10, **config))
+
+
+class BackgroundServer:
+    """Serve a Service with uvicorn on a loopback port (0: a free one) in a thread: tests, load tests.
+
+        with BackgroundServer(service) as server:
             client = openai.OpenAI(base_url=server.base_url, api_key="none")
     """
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, startup_s: float = 60.0):
-        import uvicorn
-
-        # log_config=None: an embedded server keeps the process's logging (uvicorn's own would bind
-        # handlers to whatever sys.stderr is now, e.g. a test's capture).
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None))
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, startup_s: float = 60.0):
+        self.server = uvicorn_server(service, build_app(service), host, port, log_config=None)
         self.host, self.startup_s = host, startup_s
         self.thread = threading.Thread(target=self.server.run, name="kvjax-uvicorn", daemon=True)
 

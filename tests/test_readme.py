@@ -47,14 +47,14 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
 
 def test_readme_serve_example_runs_against_the_shipped_model(capsys):
     """The Serve section's openai client example, as written but for the port (a free one here)."""
-    from inference.server import BackgroundServer, build_app
+    from inference.server import BackgroundServer
     from kvjax.cli.serve import build_parser, load_service
 
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     example, = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "openai.OpenAI" in b]
     assert "python -m kvjax.serve --port 8000" in readme
     service = load_service(build_parser().parse_args(["--max-model-len", "256", "--max-num-seqs", "2"]))
-    with BackgroundServer(build_app(service)) as server:
+    with BackgroundServer(service) as server:
         exec(compile(example.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), {})
     answer, kv, streamed = capsys.readouterr().out.split("\n")[:3]
     assert answer.strip() and streamed.strip()  # the CCM answer, then the streamed full-cache one

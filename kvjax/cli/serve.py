@@ -122,15 +122,15 @@ def load_service(args):
 def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     service = load_service(args)
-    import uvicorn
-
-    from inference.server import build_app
+    from inference.server import build_app, uvicorn_server
 
     print(f"kvjax serve: {service.name} on http://{args.host}:{args.port}/v1 (default compression: "
           f"{service.resolve(service.default_compression)[1]}; CCM factors: "
           f"{sorted(service.compressors) or 'none'})", file=sys.stderr)
-    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_s)
+    try:
+        uvicorn_server(service, build_app(service), args.host, args.port, args.log_level).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: the drain is done by now
+        pass
     return 0
 
 

@@ -20,7 +20,7 @@ import kvjax
 from kvjax import testing
 from inference.engine import Engine
 from inference.scheduler import Request
-from inference.server import BackgroundServer, Service, build_app
+from inference.server import BackgroundServer, Service
 from kvjax.compression.ccm import CompressorConfig, build_compressor
 from kvjax.compression.presses import get_press
 from kvjax.prompts import encode_chat
@@ -45,7 +45,7 @@ def service(loaded):
 
 @pytest.fixture(scope="module")
 def server(service):
-    with BackgroundServer(build_app(service)) as running:
+    with BackgroundServer(service) as running:
         yield running
 
 
@@ -230,7 +230,7 @@ def vlm_server():
     model, tokenizer, cfg = kvjax.load(model_dir, dtype="float32")
     service = Service(model, tokenizer, cfg, name="llava", model_dir=model_dir, page_size=16, max_num_seqs=2,
                       max_model_len=256, prefill_batch_size=1, decoding_batch_size=2)
-    with BackgroundServer(build_app(service)) as running:
+    with BackgroundServer(service) as running:
         yield running, (model, tokenizer, cfg, model_dir)
 
 
