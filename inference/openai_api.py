@@ -35,6 +35,7 @@ class KVCompression(BaseModel):
     ratio: float | None = None  # a press's compression_ratio (fraction of prompt tokens dropped)
     compression_factor: int | None = None  # ccm: which of the server's compressors
     options: dict[str, Any] = Field(default_factory=dict)  # press hyper-parameters (kvpress names)
+    protect_image: bool = False  # a press keeps a VLM prompt's image outside its budget
     quantize: Literal["none", "int8"] | None = None  # must match the server's pages (--kv-quantize)
 
 

@@ -96,21 +96,22 @@ class Runner:
         return rows, self.allocator.table(slots, width, batch), batch
 
     def _prefill_batch(self, seqs) -> StepOutput:
-        """One prefill per static setting (method, embeds or not), then its compression."""
+        """One prefill per static setting (method, RoPE convention, image protection, embeds or not),
+        then its compression."""
         groups: dict = {}
         for index, seq in enumerate(seqs):
             request = seq.request
-            key = (request.compression, request.rope_positions, request.embeds is not None)
+            key = (request.compression, request.rope_positions, request.protect_image, request.embeds is not None)
             groups.setdefault(key, []).append(index)
         tokens, kv_lens = [0] * len(seqs), [0] * len(seqs)
-        for (method, rope_positions, has_embeds), indices in groups.items():
+        for (method, rope_positions, protect_image, has_embeds), indices in groups.items():
             group = [seqs[i] for i in indices]
-            first, lens = self._prefill_group(group, method, rope_positions, has_embeds)
+            first, lens = self._prefill_group(group, method, rope_positions, protect_image, has_embeds)
             for i, token, length in zip(indices, first, lens):
                 tokens[i], kv_lens[i] = token, length
         return StepOutput(tokens, kv_lens)
 
-    def _prefill_group(self, seqs, method, rope_positions, has_embeds: bool):
+    def _prefill_group(self, seqs, method, rope_positions, protect_image: bool, has_embeds: bool):
         slots, prompts = [s.slot for s in seqs], [s.prompt_ids for s in seqs]
         max_len = max(len(p) for p in prompts)
         rows, table, batch = self._rows_and_table(slots, max_len, self.prefill_batch_size)
@@ -134,9 +135,10 @@ class Runner:
         if method is None:
             return first, [len(p) for p in prompts]
         width = bucket(self.allocator.pages_for(num_tokens), self.max_pages_per_seq)
-        return first, self._compress(seqs, rows, width, method, rope_positions, observations)
+        return first, self._compress(seqs, rows, width, method, rope_positions, protect_image, observations)
 
-    def _compress(self, seqs, rows, width: int, method, rope_positions, observations) -> list[int]:
+    def _compress(self, seqs, rows, width: int, method, rope_positions, protect_image: bool,
+                  observations) -> list[int]:
         """Compress the prefilled rows with `method` on their dense view and write the compacted
         tokens back into each sequence's first pages. Returns the new kv_len per sequence; the
         scheduler then returns the pages past it."""
@@ -147,7 +149,7 @@ class Runner:
         image_len = np.zeros(batch, np.int32)
         image_len[:len(seqs)] = [s.request.image_len for s in seqs]
         dense = kvjax.compress(gather_dense(self.cache, rows, table), method, image_len, observations=observations,
-                               rope_positions=rope_positions)
+                               protect_image=protect_image, rope_positions=rope_positions)
         self.cache = scatter_dense(self.cache, rows, dest, dense)
         self.num_compress_calls += 1
         return np.asarray(dense.kv_len)[:len(seqs)].tolist()  # the one sync: pages are freed next

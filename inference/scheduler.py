@@ -36,7 +36,8 @@ class Request:
     embeddings of the prompt instead (a VLM prompt with its image features, e.g. from
     `kvjax.multimodal.embed_prompt`); prompt may then be omitted. compression: anything
     `kvjax.compress` takes (a CCM compressor, any press, including those that read the prefill or
-    give each layer its own budget, such as PyramidKV); image_len: the image prefix for CCM; seed:
+    give each layer its own budget, such as PyramidKV); image_len: the image prefix (CCM's image
+    MLPs; with protect_image a press keeps it outside its budget); seed:
     the sampling seed (None: one derived from the engine's seed and the request id): a request's
     sampled tokens depend on its seed alone, not on what it is batched with; arrival_s: offset from
     the start of `Engine.generate`."""
@@ -47,6 +48,7 @@ class Request:
     sampling: Sampling = GREEDY
     compression: Any = None
     image_len: int = 0
+    protect_image: bool = False
     rope_positions: str | None = None
     seed: int | None = None
     arrival_s: float = 0.0

@@ -100,6 +100,9 @@ class Service:
             raise APIError(400, f"this server keeps its KV pages {'int8' if self.kv_quantize == 'int8' else 'unquantized'}"
                            f" for every request; {fix}", param=f"{param}.quantize")
         suffix = "+int8" if quantize == "int8" else ""
+        if spec.protect_image and spec.method in ("none", "ccm"):
+            raise APIError(400, "protect_image applies to presses (CCM compresses the image with its own MLPs)",
+                           param=f"{param}.protect_image")
         if spec.method == "none":
             return None, "none" + suffix
         if spec.method == "ccm":
@@ -119,7 +122,8 @@ class Service:
         except KVJaxError as e:
             raise APIError(400, str(e), param=f"{param}.method") from None
         ratio = getattr(press, "compression_ratio", None)
-        return press, f"{spec.method}{'' if ratio is None else f':{ratio:g}'}{suffix}"
+        protect = "+image" if spec.protect_image else ""
+        return press, f"{spec.method}{'' if ratio is None else f':{ratio:g}'}{protect}{suffix}"
 
     # -- prompts -----------------------------------------------------------------------------------
 
@@ -185,11 +189,12 @@ class Service:
             raise APIError(400, str(e), param="temperature") from None
         if max_tokens is not None and max_tokens <= 0:
             raise APIError(400, f"max_tokens must be > 0, got {max_tokens}", param="max_tokens")
-        method, label = self.resolve(body.kv_compression or self.default_compression)
+        spec = body.kv_compression or self.default_compression
+        method, label = self.resolve(spec)
         budget = max(self.max_model_len - len(prompt.ids), 1)  # a longer answer ends with "length"
         request = Request(prompt=prompt.ids, embeds=prompt.embeds, image_len=prompt.image_len,
                           max_new_tokens=min(max_tokens or budget, budget), sampling=sampling, compression=method,
-                          seed=body.seed)
+                          protect_image=spec.protect_image, seed=body.seed)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:

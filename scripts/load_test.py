@@ -169,6 +169,7 @@ async def run_variant(url, model, texts, arrivals, args, variant):
     stop.set()
     await poller
     results = [t.result() for t in done]
+    await client.close()
     async with httpx.AsyncClient() as http:
         saved = metric((await http.get(f"{url}/metrics")).text, "kvjax_kv_bytes_saved_total") - saved_before
     ok = [r for r in results if "ttft" in r]

@@ -41,13 +41,13 @@ def requests(vlm, **options):
                     max_new_tokens=MAX_NEW, **options) for b, n in enumerate(lengths)]
 
 
-def reference(vlm, method):
-    """prefill with the embeddings (+ compress) + generate_from: one decode compile for both."""
+def reference(vlm, method, **options):
+    """prefill with the embeddings (+ compress) + generate_from: one decode compile for all."""
     model, cfg, tokens, lengths, embeds, image_len = vlm
     logits, cache = kvjax.prefill(model.language_model, kvjax.KVCache.for_model(cfg.text, 2, MAX_LEN), tokens,
                                   lengths, embeds=embeds)
     if method is not None:
-        cache = kvjax.compress(cache, method, image_len)
+        cache = kvjax.compress(cache, method, image_len, **options)
     return kvjax.generate_from(model.language_model, cache, logits, max_new_tokens=MAX_NEW, eos_ids=()).tokens
 
 
@@ -75,3 +75,18 @@ def test_embeds_must_match_the_model_and_the_prompt(vlm):
     with pytest.raises(kvjax.KVJaxError, match="one embedding per prompt token"):
         engine.add_request(Request(prompt=[1, 2, 3], embeds=embeds[0]))
     assert engine.add_request(Request(embeds=embeds[0, :lengths[0]])) == 0  # prompt ids are optional
+
+
+def test_a_press_with_image_protection_keeps_the_image_as_on_the_dense_cache(vlm):
+    """protect_image=True: the press spends its budget on the text only, as kvjax.compress does."""
+    from kvjax.compression.presses import get_press
+
+    model, _, _, lengths, _, image_len = vlm
+    press = get_press("knorm", compression_ratio=0.25)
+    engine = Engine(model, page_size=8, num_pages=16, max_num_seqs=2, max_model_len=MAX_LEN, prefill_batch_size=2,
+                    decoding_batch_size=2, eos_ids=(), check_invariants=True)
+    kept = engine.generate(requests(vlm, compression=press, protect_image=True))
+    dropped = engine.generate(requests(vlm, compression=press))
+    assert [r.token_ids for r in kept] == reference(vlm, press, protect_image=True).tolist()
+    assert [r.token_ids for r in dropped] == reference(vlm, press).tolist()
+    assert [r.token_ids for r in kept] != [r.token_ids for r in dropped]  # the protection changed what was kept

@@ -202,6 +202,7 @@ def png_data_url(size=(32, 24), color=(200, 30, 30)) -> str:
     (dict(kv_compression={"method": "nosuchpress"}), 400, "kv_compression.method"),
     (dict(kv_compression={"method": "ccm", "compression_factor": 3}), 400, "kv_compression.compression_factor"),
     (dict(kv_compression={"method": "none", "quantize": "int8"}), 400, "kv_compression.quantize"),
+    (dict(kv_compression={"method": "ccm", "protect_image": True}), 400, "kv_compression.protect_image"),
     (dict(messages=[]), 400, "messages"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, body, status, param):
@@ -249,6 +250,11 @@ def test_an_image_request_on_a_vlm_equals_image_chat(vlm_server):
                                  max_tokens=256)
     assert out.choices[0].message.content == session.ask("What is in the picture?", write=lambda _: None)
     assert out.usage.prompt_tokens > cfg.num_image_tokens  # the image's positions are in the prompt
+    pressed = client.chat.completions.create(
+        model="llava", messages=[{"role": "user", "content": content}], max_tokens=2, temperature=0,
+        extra_body={"kv_compression": {"method": "knorm", "ratio": 0.25, "protect_image": True}})
+    kv = pressed.usage.model_extra["kv_compression"]
+    assert kv["method"] == "knorm:0.25+image" and cfg.num_image_tokens < kv["prompt_kv_slots"] < out.usage.prompt_tokens
     broken = [{"type": "text", "text": "?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     with pytest.raises(openai.BadRequestError, match="image"):
         client.chat.completions.create(model="llava", messages=[{"role": "user", "content": broken}], max_tokens=2)
