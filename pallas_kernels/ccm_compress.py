@@ -142,10 +142,12 @@ def ccm_compress_reference(k, v, kv_len, image_len, weights: CCMWeights, *, cf: 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CCMBlocks:
     """Tiling knobs. block_n: output slots per step, i.e. the rows of each MLP matmul (a power of
-    two >= 16 dividing S, lowered to fit)."""
+    two >= 16 dividing S, lowered to fit). The defaults are the largest tile that compiles for
+    H100 without register spills at 7B shapes (head_dim 128, cf 5, bs 64; see
+    scripts/gpu_compile_check.py): block_n 32 or num_warps 4 spill there."""
 
-    block_n: int = 32
-    num_warps: int = 4
+    block_n: int = 16
+    num_warps: int = 8
     num_stages: int = 1
 
 
@@ -159,47 +161,50 @@ def unsupported_reason(k_shape) -> str | None:
     return None
 
 
-def _mlp(refs, tokens):
-    """One group MLP on a chunk: refs = w1 [cf, D, D], b1 [D], w2, b2, w3, b3 (one layer's slices);
-    tokens = cf arrays [n, D] (token t of each group) -> [n, D] f32. Splitting w1 by token keeps
-    every matmul a power of two wide, whatever cf is."""
+def _mlp(refs, kind, token, cf: int):
+    """One group MLP on a chunk: refs = w1 [K, cf, D, D], b1 [K, D], w2, b2, w3, b3 (one layer's
+    MLPs of each span kind, kind 0 text, 1 image); token(t) -> [n, D] is token t of each group;
+    returns [n, D] f32. Splitting w1 by token keeps every matmul a power of two wide, whatever cf
+    is; loading each token only for its own matmul keeps one token tile live at a time."""
     w1, b1, w2, b2, w3, b3 = refs
     dtype = w1.dtype
-    h = b1[...].astype(jnp.float32)[None, :]
-    for t, x in enumerate(tokens):
-        h = h + _compat.dot(x.astype(dtype), w1[t])
+    h = b1[kind].astype(jnp.float32)[None, :]
+    for t in range(cf):
+        h = h + _compat.dot(token(t).astype(dtype), w1[kind, t])
     h = jax.nn.relu(h).astype(dtype)
-    h = jax.nn.relu(_compat.dot(h, w2[...]) + b2[...].astype(jnp.float32)[None, :]).astype(dtype)
-    return _compat.dot(h, w3[...]) + b3[...].astype(jnp.float32)[None, :]
+    h = jax.nn.relu(_compat.dot(h, w2[kind]) + b2[kind].astype(jnp.float32)[None, :]).astype(dtype)
+    return _compat.dot(h, w3[kind]) + b3[kind].astype(jnp.float32)[None, :]
 
 
 def _ccm_kernel(new_len_ref, src_ref, start_ref, is_image_ref, k_in, v_in, *refs, cf, block_n, max_len,
-                num_dst, has_image, interpret):
+                num_dst, interpret):
     """One (layer, sequence, head) row. new_len_ref []; src_ref [Np]; start_ref, is_image_ref [G];
-    refs = the MLP weights (text k, text v[, image k, image v], 6 refs each), then k_out, v_out
-    [S, D] (aliased to k_in, v_in; only the outputs are read and written)."""
+    refs = the MLP weights of k, then of v (6 refs each, see _mlp), then k_out, v_out [S, D]
+    (aliased to k_in, v_in; only the outputs are read and written)."""
     del k_in, v_in
     k_ref, v_ref = refs[-2:]
-    mlps = [refs[6 * i:6 * i + 6] for i in range(4 if has_image else 2)]
     num_groups = start_ref.shape[0]
 
     def group_vectors(src, is_group):
         def compute():
             group = jnp.clip(src - max_len, 0, num_groups - 1)
             start = start_ref[group]
-            is_image = (is_image_ref[group] != 0) & is_group
-            is_text = ~is_image & is_group
+            kind = jnp.where(is_group, (is_image_ref[group] != 0).astype(jnp.int32), -1)  # 0 text, 1 image
+            # Only the span kinds present in the chunk run their MLP: kinds [first, last). One
+            # loop body for both kinds emits each MLP once, which keeps the kernel within H100's
+            # registers (an unrolled text and image MLP per K/V spilled).
+            first = jnp.min(jnp.where(is_group, kind, 1))  # 0 if the chunk holds a text group
+            last = jnp.maximum(kind.max(), 0) + 1  # 2 if it holds an image group
             out = []
-            for cache, text, image in zip((k_ref, v_ref), mlps[:2], mlps[2:] or (None, None)):
-                tokens = [load_rows(cache, start + t, is_group, jnp.zeros((), cache.dtype)) for t in range(cf)]
+            for cache, mlp in zip((k_ref, v_ref), (refs[:6], refs[6:12])):
+                def token(t, cache=cache):
+                    return load_rows(cache, start + t, is_group, jnp.zeros((), cache.dtype))
+
+                def run_kind(i, vec, mlp=mlp, token=token):
+                    return jnp.where((kind == i)[:, None], _mlp(mlp, i, token, cf), vec)
+
                 zeros = jnp.zeros((block_n, cache.shape[1]), jnp.float32)
-                # Only chunks holding groups of a span kind pay for that kind's MLP.
-                vec = lax.cond(is_text.astype(jnp.int32).max() > 0, lambda: _mlp(text, tokens), lambda: zeros)
-                if image is not None:
-                    img = lax.cond(is_image.astype(jnp.int32).max() > 0, lambda: _mlp(image, tokens),
-                                   lambda: zeros)
-                    vec = jnp.where(is_image[:, None], img, vec)
-                out.append(vec)
+                out.append(lax.fori_loop(first, last, run_kind, zeros))
             return tuple(out)
 
         zeros = tuple(jnp.zeros((block_n, r.shape[1]), jnp.float32) for r in (k_ref, v_ref))
@@ -211,7 +216,7 @@ def _ccm_kernel(new_len_ref, src_ref, start_ref, is_image_ref, k_in, v_in, *refs
 
 
 def ccm_compress_pallas(k, v, kv_len, image_len, weights: CCMWeights, *, cf: int, min_seq_len: int,
-                        block_n: int = 32, interpret: bool = False):
+                        block_n: int = 16, interpret: bool = False):
     """One pass per (layer, sequence, head) row, in place (k, v aliased to the outputs): walking the
     output slots in ascending chunks, each chunk gathers its groups' tokens, runs the MLPs and
     writes compressed vectors and moved leftovers. Every slot's sources lie at or after it."""
@@ -240,15 +245,19 @@ def _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, blocks: CCMBl
 
     row = pl.BlockSpec((None, None, None, max_len, head_dim), lambda l, b, h: (l, b, h, 0, 0))
     per_seq = lambda n: pl.BlockSpec((None, n), lambda l, b, h: (b, 0))  # noqa: E731
-    mlps = [weights.text_k, weights.text_v] + ([weights.image_k, weights.image_v] if has_image else [])
     weight_args, weight_specs = [], []
-    for mlp in mlps:
-        w1 = mlp.w1.reshape(num_layers, cf, head_dim, head_dim)  # row t*D+d of w1 = token t, feature d
+    by_kind = ([weights.text_k, weights.image_k], [weights.text_v, weights.image_v]) if has_image else \
+        ([weights.text_k], [weights.text_v])
+    for kinds in by_kind:
+        # Each weight stacked over span kinds: [K, L, ...] (a copy of the MLPs, small beside the cache).
+        mlp = GroupMLP(*(jnp.stack(ws) for ws in zip(*kinds)))
+        w1 = mlp.w1.reshape(len(kinds), num_layers, cf, head_dim, head_dim)  # row t*D+d = token t, feature d
         for w in (w1, mlp.b1, mlp.w2, mlp.b2, mlp.w3, mlp.b3):
             weight_args.append(w)
-            weight_specs.append(pl.BlockSpec((None, *w.shape[1:]), lambda l, b, h, n=w.ndim - 1: (l,) + (0,) * n))
+            weight_specs.append(pl.BlockSpec((len(kinds), None, *w.shape[2:]),
+                                             lambda l, b, h, n=w.ndim - 2: (0, l) + (0,) * n))
     kernel = functools.partial(_ccm_kernel, cf=cf, block_n=block_n, max_len=max_len, num_dst=num_dst,
-                               has_image=has_image, interpret=interpret)
+                               interpret=interpret)
     k, v = pl.pallas_call(
         kernel,
         grid=(num_layers, batch, num_heads),
