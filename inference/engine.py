@@ -39,7 +39,6 @@ class Result:
     compressed_len: int | None  # kv_len after compression
     finish_reason: str = "length"  # "stop" (EOS) | "length" | "abort" | "error" (refused: see error)
     error: str | None = None  # why the request was refused; nothing ran for it
-    prompt_len: int = 0  # prompt tokens
 
 
 class Engine:
@@ -198,7 +197,7 @@ class Engine:
         first = t.get("first_token", float("nan"))  # none for a request aborted before its prefill
         return Result(seq.request_id, list(seq.output), text, first - t["arrival"],
                       (t["finish"] - first) / max(num - 1, 1), t["finish"] - t["arrival"],
-                      seq.num_preempted, t.get("compressed_len"), seq.finish_reason, prompt_len=len(seq.prompt_ids))
+                      seq.num_preempted, t.get("compressed_len"), seq.finish_reason)
 
 
 def refused(error: str) -> Result:

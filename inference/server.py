@@ -41,7 +41,7 @@ from inference.scheduler import Request
 from inference.text_stream import TextStream
 from kvjax.compression.presses import press_with_ratio
 from kvjax.errors import KVJaxError, PromptTooLong
-from kvjax.prompts import encode_chat
+from kvjax.prompts import encode_chat, eos_ids_of
 from kvjax.sampling import Sampling
 from kvjax.vision import image_prefix_len, prompter_for
 from kvjax.vision.images import image_from_bytes
@@ -73,9 +73,7 @@ class Service:
         self.name, self.tokenizer, self.drain_s = name, tokenizer, drain_s
         self.prompter = prompter_for(model, tokenizer, cfg, model_dir)
         self.text_cfg = cfg if self.prompter is None else cfg.text
-        eos = set(self.text_cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None
-                                                  else set())
-        self.engine = Engine(model, tokenizer=tokenizer, eos_ids=tuple(sorted(eos)),
+        self.engine = Engine(model, tokenizer=tokenizer, eos_ids=eos_ids_of(self.text_cfg, tokenizer),
                              kv_cache_dtype="int8" if kv_quantize == "int8" else None, **engine_options)
         self.compressors, self.kv_quantize = dict(compressors or {}), kv_quantize
         self.default_compression = default_compression or KVCompression()

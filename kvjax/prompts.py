@@ -22,6 +22,12 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def eos_ids_of(cfg, tokenizer) -> tuple[int, ...]:
+    """The tokens that end an answer: the config's EOS ids and the tokenizer's EOS token."""
+    extra = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return tuple(sorted(set(cfg.eos_token_ids) | extra))
+
+
 def bucket(n: int, limit: int | None = None, smallest: int = 1) -> int:
     """The smallest power of two >= max(n, smallest), capped at limit (when n fits under it): prompt
     lengths and batch sizes are rounded so few shapes compile."""

@@ -23,7 +23,7 @@ from kvjax.compression import prefill_and_compress, steps_of
 from kvjax.compression.ccm import CCMCompressor
 from kvjax.compression.presses import Press
 from kvjax.errors import KVJaxError
-from kvjax.prompts import bucket, encode_chat
+from kvjax.prompts import bucket, encode_chat, eos_ids_of
 from kvjax.sampling import GREEDY, Sampling
 from kvjax.steps import SplitModel, split, stream_from
 from kvjax.vision import image_prefix_len, prompter_for
@@ -73,8 +73,7 @@ class ChatSession:
         if self.protect != "none" and not has_press:
             raise KVJaxError(f"protecting the {self.protect} applies to presses: add --press NAME (e.g. --press "
                              "knorm) or drop --press-protect")
-        self.eos_ids = tuple(sorted(set(self.cfg.eos_token_ids) | (
-            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
+        self.eos_ids = eos_ids_of(self.cfg, self.tokenizer)
 
     @classmethod
     def create(cls, model, tokenizer, cfg, *, model_dir=None, image=None, system: str | None = None, **fields):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvjax.cli.common import Parser, ccm_from_flags, non_negative_int, parse_options, positive_int, run_cli
+from kvjax.cli.common import (Parser, ccm_from_flags, model_dir_from_flags, non_negative_int, parse_options,
+                              positive_int, run_cli)
 from kvjax.errors import KVJaxError
 
 
@@ -91,18 +92,12 @@ def method_from_flags(args, cfg, dtype):
 
 def _load(args):
     import kvjax
-    from kvjax import defaults, testing
 
-    model_dir = args.model_dir
-    if model_dir is not None and args.demo:
-        raise KVJaxError("pass either --model-dir or --demo, not both")
+    model_dir = model_dir_from_flags(args.model_dir, args.demo)
     if args.demo:
-        model_dir = testing.ensure_demo_vlm(args.demo) if args.demo in ("llava", "minicpmv") \
-            else testing.ensure_demo_checkpoint()
         print(f"kvjax: using the built-in demo model in {model_dir}. It has RANDOM weights: its answers are "
               "gibberish.", file=sys.stderr)
-    elif model_dir is None:
-        model_dir = defaults.default_model_dir()
+    elif args.model_dir is None:
         if not args.quiet:
             print("kvjax: no --model-dir given, using the shipped default model (a 6-layer Llama trained on the "
                   "King James Bible and key-value recall; see README)", file=sys.stderr)

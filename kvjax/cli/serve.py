@@ -15,7 +15,7 @@ import logging
 import pathlib
 import sys
 
-from kvjax.cli.common import Parser, non_negative_int, parse_options, positive_int, run_cli
+from kvjax.cli.common import Parser, model_dir_from_flags, non_negative_int, parse_options, positive_int, run_cli
 from kvjax.errors import KVJaxError
 
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -67,20 +67,14 @@ def load_service(args):
     except ImportError as e:
         raise KVJaxError(f"serving needs its extra ({e.name} is missing): pip install 'kvjax[serve]'") from None
     import kvjax
-    from kvjax import defaults, testing
+    from kvjax import defaults
     from kvjax.compression.checkpoint import load_compressor
 
     if args.press is not None and (args.kv_compress or args.kv_compress_factor):
         raise KVJaxError("pass either --press or --kv-compress, not both")
     if args.press is None and (args.compression_ratio is not None or args.press_option):
         raise KVJaxError("--compression-ratio / --press-option set a press: add --press NAME or drop them")
-    if args.model_dir is not None and args.demo:
-        raise KVJaxError("pass either --model-dir or --demo, not both")
-    if args.demo:
-        model_dir = testing.ensure_demo_vlm(args.demo) if args.demo in ("llava", "minicpmv") \
-            else testing.ensure_demo_checkpoint()
-    else:
-        model_dir = args.model_dir or defaults.default_model_dir()
+    model_dir = model_dir_from_flags(args.model_dir, args.demo)
     is_default = defaults.is_default_model(model_dir)
     logging.getLogger("kvjax.serve").info("loading %s", model_dir)
     model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype)

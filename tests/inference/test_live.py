@@ -139,3 +139,21 @@ def test_a_restarted_sequence_replays_its_tokens_instead_of_the_sampled_ones():
     scheduler.postprocess(scheduler.schedule(), [80], None, 0.0)
     scheduler.postprocess(scheduler.schedule(), [90], None, 0.0)
     assert seq.output == [7, 8, 90] and seq.num_preempted == 1
+
+
+def test_text_stream_decodes_only_new_tokens_yet_equals_decoding_everything():
+    """Token by token, the released text equals the whole answer decoded at once (a real BPE
+    tokenizer, multi-byte characters split across tokens included), while each step decodes only
+    a few tokens."""
+    from kvjax import defaults
+    from kvjax.loading.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(defaults.DEFAULT_MODEL)
+    ids = tokenizer("In the beginning God created — the heaven and the earth. Café, naïve, 東京.")["input_ids"] * 3
+    lengths = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda tokens, **kw: (lengths.append(len(tokens)), decode(tokens, **kw))[1]
+    stream = TextStream(tokenizer)
+    text = "".join(stream.feed([t]) for t in ids) + stream.finish()
+    assert text == decode(ids, skip_special_tokens=True)
+    assert max(lengths[-20:]) < 16  # late steps decode a short window, not the whole answer
