@@ -22,6 +22,7 @@ import kvjax
 from inference.paged_cache import PageAllocator, PagedKVCache
 from inference.runner import Runner
 from inference.scheduler import Request, Scheduler, Sequence
+from kvjax import parallel
 from kvjax.compression import steps_of
 from kvjax.compression.presses import Press
 from kvjax.errors import KVJaxError
@@ -56,11 +57,16 @@ class Engine:
                  prefill_batch_size: int = 4, decoding_batch_size: int = 32, compress_batch_size: int | None = None,
                  max_prefill_tokens: int = 1 << 30, eos_ids=None, seed: int = 0, check_invariants: bool = False,
                  kv_cache_dtype: str | None = None, kv_cache_bytes: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 tensor_parallel: int | None = None, clock: Callable[[], float] = time.perf_counter):
         if not isinstance(model, kvjax.SplitModel) and not hasattr(model, "cfg"):  # a model directory
-            model, tokenizer, _ = kvjax.load(model, dtype=dtype)
+            model, tokenizer, _ = kvjax.load(model, dtype=dtype, tensor_parallel=tensor_parallel)
         model = getattr(model, "language_model", model)  # a VLM: image requests bring their embeds
         self.parts = kvjax.split(model)
+        if tensor_parallel is not None and parallel.tp_size(self.parts.mesh) != tensor_parallel:
+            if isinstance(model, kvjax.SplitModel):
+                raise KVJaxError(f"tensor_parallel={tensor_parallel} but the split model given is on "
+                                 f"{parallel.tp_size(self.parts.mesh)} device(s); load it with tensor_parallel=")
+            self.parts = kvjax.split(parallel.shard_model(model, parallel.make_mesh(tensor_parallel)))
         self.tokenizer = tokenizer
         cfg = self.parts.cfg
         max_pages_per_seq = -(-max_model_len // page_size)
@@ -69,7 +75,7 @@ class Engine:
             num_pages = pages_in(kv_cache_bytes, num_pages, cfg, page_size, dtype, kv_cache_dtype)
         num_pages = num_pages or max_num_seqs * max_pages_per_seq
         self.allocator = PageAllocator(num_pages, max_num_seqs, page_size)
-        cache = PagedKVCache.for_model(cfg, num_pages, page_size, max_num_seqs, dtype, kv_cache_dtype)
+        cache = PagedKVCache.for_model(cfg, num_pages, page_size, max_num_seqs, dtype, kv_cache_dtype, self.parts.mesh)
         self.runner = Runner(self.parts, cache, self.allocator, max_pages_per_seq,
                              prefill_batch_size=prefill_batch_size, decoding_batch_size=decoding_batch_size)
         self.scheduler = Scheduler(self.allocator, max_pages_per_seq=max_pages_per_seq,

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import parallel
 from kvjax.cache import KVCache, QuantizedArray, as_dense, quantize
 from kvjax.errors import KVJaxError
 from pallas_kernels.paged_attention import PagedKV, gather_pages
@@ -43,9 +44,10 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, cfg, num_pages: int, page_size: int, num_slots: int, dtype: Any = jnp.float32,
-                  kv_cache_dtype: str | None = None):
+                  kv_cache_dtype: str | None = None, mesh=None):
         """kv_cache_dtype: None keeps K/V in `dtype`; "int8" stores int8 values with one float32 scale
-        per token and KV head (kvjax.quantization), read back as `dtype`."""
+        per token and KV head (kvjax.quantization), read back as `dtype`. mesh: a tensor-parallel
+        mesh (`kvjax.parallel`): the pools are created split over KV heads, never whole on one device."""
         for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_slots", num_slots)):
             if int(value) <= 0:
                 raise KVJaxError(f"PagedKVCache: {name} must be > 0, got {value}")
@@ -54,14 +56,16 @@ class PagedKVCache:
                              f"got {kv_cache_dtype!r}")
         shape = (cfg.num_layers, num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
 
+        def zeros(shape, dtype):
+            return parallel.zeros(shape, dtype, mesh)
+
         def pool():  # distinct buffers: the steps donate every leaf
             if kv_cache_dtype == "int8":
-                return QuantizedArray(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1] + (1,), jnp.float32),
-                                      jnp.dtype(dtype))
-            return jnp.zeros(shape, dtype)
+                return QuantizedArray(zeros(shape, jnp.int8), zeros(shape[:-1] + (1,), jnp.float32), jnp.dtype(dtype))
+            return zeros(shape, dtype)
 
-        return cls(pool(), pool(), jnp.zeros(num_slots, jnp.int32), jnp.zeros(num_slots, jnp.int32),
-                   jnp.zeros((cfg.num_layers, num_slots), jnp.int32))
+        return cls(pool(), pool(), zeros(num_slots, jnp.int32), zeros(num_slots, jnp.int32),
+                   zeros((cfg.num_layers, num_slots), jnp.int32))
 
     @property
     def page_size(self) -> int:

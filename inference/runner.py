@@ -23,6 +23,7 @@ import numpy as np
 
 import kvjax
 from inference.paged_cache import PageAllocator, PagedKVCache, batch_view, commit, gather_dense, scatter_dense
+from kvjax import parallel
 from kvjax.compression import observing_press
 from kvjax.compression.presses import forward_observed, ratio_free
 from kvjax.prompts import bucket
@@ -128,9 +129,10 @@ class Runner:
             for row, seq in enumerate(seqs):
                 embeds[row, :len(seq.prompt_ids)] = np.asarray(seq.request.embeds, np.float32)
         press = observing_press(method)
-        out, self.cache, observations = _prefill(
-            self.parts.graphdef, self.parts.state, self.cache, rows, table, tokens, lengths, embeds,
-            RowSampling.of(seqs, batch), None if press is None else ratio_free(press))  # what it records is the same for every ratio
+        with parallel.tracing_under(self.parts.mesh):
+            out, self.cache, observations = _prefill(
+                self.parts.graphdef, self.parts.state, self.cache, rows, table, tokens, lengths, embeds,
+                RowSampling.of(seqs, batch), None if press is None else ratio_free(press))  # same for every ratio
         first = np.asarray(out)[:len(slots)].tolist()
         if method is None:
             return first, [len(p) for p in prompts]
@@ -148,9 +150,10 @@ class Runner:
         dest = self.allocator.table(slots, width, batch, fill=self.cache.num_pages)  # padding writes nowhere
         image_len = np.zeros(batch, np.int32)
         image_len[:len(seqs)] = [s.request.image_len for s in seqs]
-        dense = kvjax.compress(gather_dense(self.cache, rows, table), method, image_len, observations=observations,
-                               protect_image=protect_image, rope_positions=rope_positions)
-        self.cache = scatter_dense(self.cache, rows, dest, dense)
+        with parallel.tracing_under(self.parts.mesh):
+            dense = kvjax.compress(gather_dense(self.cache, rows, table), method, image_len,
+                                   observations=observations, protect_image=protect_image, rope_positions=rope_positions)
+            self.cache = scatter_dense(self.cache, rows, dest, dense)
         self.num_compress_calls += 1
         return np.asarray(dense.kv_len)[:len(seqs)].tolist()  # the one sync: pages are freed next
 
@@ -161,6 +164,7 @@ class Runner:
         feed = np.zeros(batch, np.int32)
         feed[:len(seqs)] = [s.next_token for s in seqs]
         active = np.arange(batch) < len(seqs)
-        out, self.cache = _decode(self.parts.graphdef, self.parts.state, self.cache, rows, table, feed, active,
-                                  RowSampling.of(seqs, batch))
+        with parallel.tracing_under(self.parts.mesh):
+            out, self.cache = _decode(self.parts.graphdef, self.parts.state, self.cache, rows, table, feed, active,
+                                      RowSampling.of(seqs, batch))
         return StepOutput(np.asarray(out)[:len(seqs)].tolist())

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvjax import parallel
 from kvjax.cache import KVCache
 from kvjax.config import ModelConfig
 from kvjax.errors import KVJaxError
@@ -29,11 +30,13 @@ from kvjax.sampling import GREEDY, Sampling, sample
 
 
 class SplitModel(NamedTuple):
-    """A model split once for the jit boundary: static graphdef + state pytree."""
+    """A model split once for the jit boundary: static graphdef + state pytree, and the
+    tensor-parallel mesh its weights live on (None: one device; `kvjax.parallel`)."""
 
     graphdef: Any
     state: Any
     cfg: ModelConfig
+    mesh: Any = None
 
 
 def split(model) -> SplitModel:
@@ -41,7 +44,13 @@ def split(model) -> SplitModel:
     if isinstance(model, SplitModel):
         return model
     graphdef, state = nnx.split(model)
-    return SplitModel(graphdef, state, model.cfg)
+    return SplitModel(graphdef, state, model.cfg, parallel.mesh_of(state))
+
+
+def on_mesh(parts: SplitModel, cache):
+    """(cache placed on the model's mesh, the context to call a jitted step in): a cache created on
+    one device follows a tensor-parallel model; on one device both are no-ops."""
+    return parallel.shard_cache(cache, parts.mesh), parallel.tracing_under(parts.mesh)
 
 
 def forward_hidden(graphdef, state, cache: KVCache, tokens, lengths, embeds=None, tap=None):
@@ -126,7 +135,9 @@ def prefill(model, cache: KVCache, tokens, lengths=None, embeds=None, *, all_log
     """
     parts = split(model)
     tokens, lengths = prepare_prompt(cache, tokens, lengths, embeds)
-    return _prefill(parts.graphdef, parts.state, cache, tokens, lengths, embeds, all_logits)
+    cache, context = on_mesh(parts, cache)
+    with context:
+        return _prefill(parts.graphdef, parts.state, cache, tokens, lengths, embeds, all_logits)
 
 
 def decode_step(model, cache: KVCache, tokens, active=None):
@@ -140,7 +151,9 @@ def decode_step(model, cache: KVCache, tokens, active=None):
         active = np.ones(tokens.shape, bool)
     elif not isinstance(active, jax.Array):  # device masks stay on the device (no sync)
         active = np.asarray(active, bool)
-    return _decode(parts.graphdef, parts.state, cache, tokens, active)
+    cache, context = on_mesh(parts, cache)
+    with context:
+        return _decode(parts.graphdef, parts.state, cache, tokens, active)
 
 
 @jax.tree_util.register_dataclass
@@ -227,8 +240,10 @@ def generate(model, cache: KVCache, tokens, lengths=None, embeds=None, *, max_ne
     parts = split(model)
     tokens, lengths = prepare_prompt(cache, tokens, lengths, embeds)
     eos, pad_id, max_new, rng = _generation_args(parts, max_new_tokens, sampling, eos_ids, seed, cache.batch)
-    out, num, cache = _generate(parts.graphdef, parts.state, cache, tokens, lengths, embeds, rng, max_new,
-                                max_new_tokens, sampling, eos, pad_id)
+    cache, context = on_mesh(parts, cache)
+    with context:
+        out, num, cache = _generate(parts.graphdef, parts.state, cache, tokens, lengths, embeds, rng, max_new,
+                                    max_new_tokens, sampling, eos, pad_id)
     return Generation(np.asarray(out), np.asarray(num), cache)
 
 
@@ -238,8 +253,10 @@ def generate_from(model, cache: KVCache, logits, *, max_new_tokens: int, samplin
     then compressed); logits float32 [B, V] are the prefill's, for the first token to sample."""
     parts = split(model)
     eos, pad_id, max_new, rng = _generation_args(parts, max_new_tokens, sampling, eos_ids, seed, cache.batch)
-    out, num, cache = _generate_from(parts.graphdef, parts.state, cache, logits, rng, max_new,
-                                     max_new_tokens, sampling, eos, pad_id)
+    cache, context = on_mesh(parts, cache)
+    with context:
+        out, num, cache = _generate_from(parts.graphdef, parts.state, cache, logits, rng, max_new,
+                                         max_new_tokens, sampling, eos, pad_id)
     return Generation(np.asarray(out), np.asarray(num), cache)
 
 
@@ -251,12 +268,14 @@ def stream_from(model, cache: KVCache, logits, *, max_new_tokens: int, sampling:
     the generator's return value."""
     parts = split(model)
     eos, pad_id, max_new, rng = _generation_args(parts, max_new_tokens, sampling, eos_ids, seed, cache.batch)
+    cache, _ = on_mesh(parts, cache)
     gen = _start(cache, logits, rng, max_new_tokens)
     done = np.zeros(cache.batch, bool)
     for step in range(max_new_tokens):
         if done.all():
             break
-        gen = _stream_step(parts.graphdef, parts.state, gen, max_new, sampling, eos, pad_id)
+        with parallel.tracing_under(parts.mesh):  # per call: the caller runs between yields
+            gen = _stream_step(parts.graphdef, parts.state, gen, max_new, sampling, eos, pad_id)
         token, now_done = jax.device_get((gen.tokens[:, step], gen.done))  # one sync per token
         yield token, ~done
         done = now_done

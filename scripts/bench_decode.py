@@ -24,6 +24,7 @@ from bench_common import DTYPES, add_model_source, environment, model_dir_for, w
 import jax
 import jax.numpy as jnp
 import kvjax
+from kvjax.cli.common import add_parallel_flags
 import numpy as np
 from tqdm import tqdm
 
@@ -42,6 +43,7 @@ def parse_args(argv):
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--dtype", default="float32", help=", ".join(DTYPES))
+    add_parallel_flags(p, hosts=False)
     p.add_argument("--backends", default="kvjax,torch")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (XLA CPU uses all cores)")
     p.add_argument("--hbm-gbps", type=float, default=3350.0, help="GPU memory bandwidth (H100 SXM)")
@@ -103,7 +105,7 @@ def _greedy(logits):  # float32 [B, V] -> int32 [B]
 
 
 def run_kvjax(model_dir, args, prompts, bar) -> list[dict]:
-    model, _, cfg = kvjax.load(model_dir, dtype=args.dtype, tokenizer=False)
+    model, _, cfg = kvjax.load(model_dir, dtype=args.dtype, tokenizer=False, tensor_parallel=args.tensor_parallel)
     parts = kvjax.split(model)
     max_len = -(-(args.context_len + args.warmup_steps + args.decode_steps) // 16) * 16
     actives = {batch: jnp.ones(batch, bool) for batch in prompts}

@@ -47,6 +47,7 @@ from bench_common import DTYPES, add_model_source, bench_main, pyplot, report_he
 from bench_common import model_dir_for as text_model_dir_for
 
 import kvjax
+from kvjax.cli.common import add_parallel_flags
 import numpy as np
 from tqdm import tqdm
 
@@ -96,6 +97,7 @@ def build_parser(parser_class=argparse.ArgumentParser):
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    add_parallel_flags(p, hosts=False)
     p.add_argument("--config", help="YAML list of experiments, each flag: value overrides (see the docstring)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="plot throughput, latencies and peak KV memory per variant here (needs matplotlib)")
@@ -369,7 +371,7 @@ def run(args, argv) -> dict:
         check_flags(args)
         experiments = [(None, args)]
     model_dir = model_dir_for(args)
-    model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype)
+    model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype, tensor_parallel=args.tensor_parallel)
     prompter = prompter_for(model, tokenizer, cfg, model_dir)  # None for a text LM
     lm_cfg = getattr(cfg, "text", cfg)
     parts = kvjax.split(getattr(model, "language_model", model))  # a VLM serves through its LM

@@ -24,6 +24,7 @@ from bench_common import DTYPES, add_model_source, bench_main, model_dir_for, py
 
 import jax
 import kvjax
+from kvjax.cli.common import add_parallel_flags
 import numpy as np
 from tqdm import tqdm
 
@@ -48,6 +49,7 @@ def parse_args(argv):
     p.add_argument("--budget-seqs", type=int, default=4,
                    help="fixed budget = the bytes of this many uncompressed sequences in the model's dtype (0: skip)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    add_parallel_flags(p, hosts=False)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="plot tokens/s per batch size here (needs matplotlib)")
     p.add_argument("--quiet", action="store_true")
@@ -123,7 +125,7 @@ def run(args, argv) -> dict:
         raise kvjax.KVJaxError(f"--batch-sizes must be > 0, got {args.batch_sizes}")
     names = parse_variants(args)
     model_dir = model_dir_for(args)
-    model, _, cfg = kvjax.load(model_dir, dtype=args.dtype, tokenizer=False)
+    model, _, cfg = kvjax.load(model_dir, dtype=args.dtype, tokenizer=False, tensor_parallel=args.tensor_parallel)
     parts = kvjax.split(model)
     methods, variants = {}, {}
     for name, (method, kv_dtype) in names.items():

@@ -17,7 +17,9 @@ minutes; a stage that would start with less than 20 s left is skipped):
                     length) / step time, against the device's HBM bandwidth.
 5. bench_throughput scripts/bench_throughput.py, bs 1/32/128, baseline vs ccm vs ccm+int8 (the
                     fixed-budget case is left out for time).
-Tensor parallelism (a Mesh over KV heads, DESIGN.md "Scale") is not built, so not measured yet.
+6. tensor_parallel  with 2+ GPUs: bench_decode bs 1 and bench_throughput bs 32 (baseline, ccm) at
+                    --tensor-parallel N (the largest power of two of the GPUs, at most 8, which
+                    divides the 32 KV heads); with one GPU it is skipped and says so.
 
 Without a GPU (jax sees none) it says so and exits 2: nothing here can be measured on a CPU (for
 the compile-only check that runs anywhere, see scripts/gpu_compile_check.py). Exit 1 if a stage
@@ -53,7 +55,8 @@ def parse_args(argv):
     p.add_argument("--work-dir", default=str(home / "bench"), help="where the random 7B weights are kept")
     p.add_argument("--budget-s", type=float, default=470.0, help="wall-clock budget of the whole run")
     p.add_argument("--hbm-gbps", type=float, help="HBM bandwidth (default: from the device kind)")
-    p.add_argument("--stages", default="kernel_tests,bench_kernels,weights,bench_decode,bench_throughput")
+    p.add_argument("--stages", default="kernel_tests,bench_kernels,weights,bench_decode,bench_throughput,"
+                                       "tensor_parallel")
     return p.parse_args(argv)
 
 
@@ -71,7 +74,15 @@ def detect_gpu() -> dict | None:
     return info if info["platform"] == "gpu" else None
 
 
-def stages(args, out: Path, model_dir: Path, hbm_gbps: float) -> list[tuple[str, list[str], float, dict]]:
+def tp_size(num_gpus: int) -> int:
+    """The tensor-parallel size to measure: the largest power of two <= min(num_gpus, 8)."""
+    size = 1
+    while size * 2 <= min(num_gpus, 8):
+        size *= 2
+    return size
+
+
+def stages(args, out: Path, model_dir: Path, hbm_gbps: float, num_gpus: int = 1):
     """(name, argv, timeout cap in s, extra environment) of every stage."""
     py = sys.executable
     model = ["--model-dir", str(model_dir), "--dtype", DTYPE, "--quiet"]
@@ -90,7 +101,21 @@ def stages(args, out: Path, model_dir: Path, hbm_gbps: float) -> list[tuple[str,
         ("bench_throughput", [py, "scripts/bench_throughput.py", *model, "--batch-sizes", "1,32,128",
                               "--variants", "baseline,ccm,ccm+int8", "--decode-steps", "32", "--budget-seqs", "0",
                               "--json", str(out / "bench_throughput.json")], 240, {}),
+        ("tensor_parallel", [py, "-c", TP_STAGE, str(tp_size(num_gpus)), str(model_dir), str(out)], 200, {}),
     ]
+
+
+# bench_decode and bench_throughput at --tensor-parallel N, one after the other (one stage, one budget).
+TP_STAGE = """
+import subprocess, sys
+tp, model_dir, out = sys.argv[1:]
+model = ["--model-dir", model_dir, "--dtype", "bfloat16", "--quiet", "--tensor-parallel", tp]
+subprocess.run([sys.executable, "scripts/bench_decode.py", *model, "--batch-sizes", "1", "--backends", "kvjax",
+                "--json", f"{out}/tp_bench_decode.json"], check=True)
+subprocess.run([sys.executable, "scripts/bench_throughput.py", *model, "--batch-sizes", "32", "--variants",
+                "baseline,ccm", "--decode-steps", "32", "--budget-seqs", "0", "--json",
+                f"{out}/tp_bench_throughput.json"], check=True)
+"""
 
 
 def run_stage(name, argv, timeout_s, env, log: Path) -> dict:
@@ -183,9 +208,12 @@ def main(argv=None) -> int:
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "device": gpu, "hbm_gbps": hbm_gbps, "model_dir": str(model_dir),
                "command": " ".join([Path(sys.executable).name, sys.argv[0], *argv]),
-               "tensor_parallel": "not measured (not built yet)", "stages": []}
-    for name, stage_argv, cap_s, env in stages(args, out, model_dir, hbm_gbps):
+               "tensor_parallel": tp_size(gpu["count"]), "stages": []}
+    for name, stage_argv, cap_s, env in stages(args, out, model_dir, hbm_gbps, gpu["count"]):
         if name not in wanted:
+            continue
+        if name == "tensor_parallel" and gpu["count"] < 2:
+            results["stages"].append(dict(name=name, status="skipped", seconds=0.0, reason="one GPU"))
             continue
         left = args.budget_s - (time.perf_counter() - started)
         if left < MIN_STAGE_S:
@@ -200,6 +228,9 @@ def main(argv=None) -> int:
     for name in ("bench_kernels", "bench_decode", "bench_throughput"):
         if any(s["name"] == name and s["status"] == "ok" for s in results["stages"]):
             results[name] = load_json(out / f"{name}.json")
+    if any(s["name"] == "tensor_parallel" and s["status"] == "ok" for s in results["stages"]):
+        results["tp_bench_decode"] = load_json(out / "tp_bench_decode.json")
+        results["tp_bench_throughput"] = load_json(out / "tp_bench_throughput.json")
     if results.get("bench_decode"):
         results["roofline"] = roofline(results["bench_decode"], hbm_gbps)
     results["seconds"] = round(time.perf_counter() - started, 1)

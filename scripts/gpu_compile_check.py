@@ -16,7 +16,9 @@ paged_attention (`layer=`, 16-slot pages; bf16 and int8), compact_kv (a per-head
 whole cache) and ccm_compress (cf 5, image and text MLPs). Then kvjax's jitted `decode_step` of
 both LMs, built abstractly (nnx.eval_shape: no weights) under KVJAX_KERNELS=pallas at max_len
 1024 (batch 1 and 64 with a bf16 cache, batch 64 with an int8 one), compiled whole: it must hold
-one Triton decode_attention call per layer and warn of no reference fallback.
+one Triton decode_attention call per layer and warn of no reference fallback. And the same step
+tensor-parallel over a compile-only 2-GPU topology (`kvjax.parallel` layouts; the kernels per shard
+under shard_map), whose collectives (count and bytes all-reduced) are recorded too.
 
 Per kernel it records, from XLA's dump (thunk sequence, PTX) and ptxas -v (which XLA logs with
 TF_CPP_VMODULE=subprocess_compilation=2): grid, threads, shared memory, registers, spills and
@@ -64,6 +66,8 @@ def parse_args(argv):
     p.add_argument("--max-lens", default="640,1024", help="of the kernel cases")
     p.add_argument("--steps", default="1:bfloat16,64:bfloat16,64:int8",
                    help=f"decode_step cases BATCH:KV_DTYPE at max_len {STEP_MAX_LEN} (empty: none)")
+    p.add_argument("--tp-steps", default="1:bfloat16,64:int8",
+                   help="decode_step cases BATCH:KV_DTYPE tensor-parallel over 2 GPUs (empty: none)")
     p.add_argument("--json", help="write every case's figures here")
     p.add_argument("--markdown", help="write the per-kernel table here")
     p.add_argument("--dump-dir", help="keep XLA's dumps and logs here (default: a temporary directory, "
@@ -78,11 +82,13 @@ class Case:
     batch: int
     max_len: int
     kv_dtype: str = "bfloat16"  # decode_step's cache
+    tensor_parallel: int = 1  # decode_step over this many GPUs
     result: dict = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        suffix = "/int8" if self.kv_dtype == "int8" else ""
+        suffix = ("/int8" if self.kv_dtype == "int8" else "") + (f"/tp{self.tensor_parallel}"
+                                                                   if self.tensor_parallel > 1 else "")
         return f"{self.kernel}/{self.model}/b{self.batch}/s{self.max_len}{suffix}"
 
 
@@ -94,11 +100,12 @@ def make_cases(args) -> list[Case]:
     cases = [Case(k, m, int(b), int(s)) for m in models for s in args.max_lens.split(",") if s
              for b in args.batch_sizes.split(",") if b for k in kernels]
     for m in models:
-        for step in filter(None, args.steps.split(",")):
-            batch, _, kv_dtype = step.partition(":")
-            if kv_dtype not in ("bfloat16", "int8"):
-                raise ValueError(f"--steps: {step!r} is not BATCH:bfloat16 or BATCH:int8")
-            cases.append(Case("decode_step", m, int(batch), STEP_MAX_LEN, kv_dtype))
+        for flag, tp in (("steps", 1), ("tp_steps", 2)):
+            for step in filter(None, getattr(args, flag).split(",")):
+                batch, _, kv_dtype = step.partition(":")
+                if kv_dtype not in ("bfloat16", "int8"):
+                    raise ValueError(f"--{flag.replace('_', '-')}: {step!r} is not BATCH:bfloat16 or BATCH:int8")
+                cases.append(Case("decode_step", m, int(batch), STEP_MAX_LEN, kv_dtype, tp))
     return cases
 
 
@@ -129,11 +136,12 @@ def stderr_to(path: Path):
         os.close(saved)
 
 
-def compile_only_device(target_config: str):
-    """The one device of a compile-only GPU topology described by a GpuTargetConfigProto."""
+def compile_only_devices(target_config: str, count: int = 1) -> list:
+    """The devices of a compile-only topology of `count` GPUs in one process (GpuTargetConfigProto)."""
     from jax.experimental import topologies
 
-    return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=target_config).devices[0]
+    return topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                        target_config=target_config).devices
 
 
 def model_config(like: str):
@@ -148,13 +156,13 @@ def model_config(like: str):
     return ModelConfig.from_hf_config(hf)
 
 
-def lower(case: Case, device):
-    """(jit(f).lower(abstract arguments placed on `device`), the Triton kernel name expected)."""
+def lower(case: Case, devices):
+    """(jit(f).lower(abstract arguments placed on `devices`), the Triton kernel name expected)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
 
-    sharding = SingleDeviceSharding(device)
+    sharding = SingleDeviceSharding(devices[0])
 
     def arg(shape, dtype):
         return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
@@ -162,7 +170,7 @@ def lower(case: Case, device):
     cfg = model_config(MODELS[case.model])
     bf16, layers, head_dim, kernel = jnp.bfloat16, cfg.num_layers, cfg.head_dim, case.kernel
     if kernel == "decode_step":
-        return lower_decode_step(cfg, case, arg), "kvjax_decode_attention"
+        return lower_decode_step(cfg, case, devices), "kvjax_decode_attention"
     cache = (layers, case.batch, cfg.num_kv_heads, case.max_len, head_dim)  # [L, B, Hkv, S, D]
     q, lengths = arg((case.batch, cfg.num_heads, head_dim), bf16), arg((case.batch,), jnp.int32)
     last = layers - 1  # the layer farthest from the base pointer
@@ -201,33 +209,44 @@ def lower(case: Case, device):
         "kvjax_ccm_compress"
 
 
-def lower_decode_step(cfg, case: Case, arg):
+def lower_decode_step(cfg, case: Case, devices):
     """kvjax's jitted decode step of an abstract bf16 model (nnx.eval_shape: no weights), with the
-    Pallas kernels forced (KVJAX_KERNELS=pallas, read when the step traces)."""
+    Pallas kernels forced (KVJAX_KERNELS=pallas, read when the step traces); tensor-parallel over
+    case.tensor_parallel devices with kvjax.parallel's layouts (weights, cache over KV heads)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from kvjax import steps
+    from kvjax import parallel, steps
     from kvjax.cache import KVCache, QuantizedArray
     from kvjax.models.llama import CausalLM
 
+    mesh = parallel.make_mesh(case.tensor_parallel, devices[:case.tensor_parallel])
+
+    def arg(shape, dtype, spec=P()):
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=NamedSharding(mesh, spec))
+
     model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: arg(x.shape, x.dtype), state)
+    state = jax.tree_util.tree_map_with_path(lambda path, x: arg(x.shape, x.dtype, parallel.param_spec(path, x)),
+                                             state)
     shape = (cfg.num_layers, case.batch, cfg.num_kv_heads, case.max_len, cfg.head_dim)
+    heads = parallel.kv_spec(len(shape))
 
     def kv():
         if case.kv_dtype == "int8":
-            return QuantizedArray(arg(shape, jnp.int8), arg((*shape[:-1], 1), jnp.float32), jnp.dtype(jnp.bfloat16))
-        return arg(shape, jnp.bfloat16)
+            return QuantizedArray(arg(shape, jnp.int8, heads), arg((*shape[:-1], 1), jnp.float32, heads),
+                                  jnp.dtype(jnp.bfloat16))
+        return arg(shape, jnp.bfloat16, heads)
 
     rows = arg((case.batch,), jnp.int32)
     cache = KVCache(k=kv(), v=kv(), kv_len=rows, positions=rows)
     saved = os.environ.get("KVJAX_KERNELS")
     os.environ["KVJAX_KERNELS"] = "pallas"
     try:
-        return steps._decode.lower(graphdef, state, cache, rows, arg((case.batch,), jnp.bool_))
+        with parallel.tracing_under(mesh):
+            return steps._decode.lower(graphdef, state, cache, rows, arg((case.batch,), jnp.bool_))
     finally:
         if saved is None:
             del os.environ["KVJAX_KERNELS"]
@@ -278,15 +297,28 @@ def problems_of(figures: dict, expect: str) -> list[str]:
     return problems
 
 
-def run_case(case: Case, device, dump: Path) -> None:
+_ALL_REDUCE = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* all-reduce(?:-start)?\(")
+_OTHER_COLLECTIVE = re.compile(r" (all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "s8": 1, "u8": 1, "pred": 1}
+
+
+def collectives_of(hlo: str) -> dict:
+    """All-reduces (count, payload bytes, dtypes) and any other collective in a compiled module."""
+    found = _ALL_REDUCE.findall(hlo)
+    payload = sum(_BYTES.get(t, 4) * eval("*".join(d.split(",")) or "1") for t, d in found)  # noqa: S307 (digits)
+    return {"all_reduce": len(found), "all_reduce_bytes": payload, "all_reduce_dtypes": sorted({t for t, _ in found}),
+            "other": sorted(set(_OTHER_COLLECTIVE.findall(hlo)))}
+
+
+def run_case(case: Case, devices, dump: Path) -> None:
     dump.mkdir(parents=True, exist_ok=True)
     log = dump / "xla.log"
     start = time.perf_counter()
-    problems, figures = [], {}
+    problems, figures, collectives = [], {}, None
     try:
         with warnings.catch_warnings(record=True) as caught, stderr_to(log):
             warnings.simplefilter("always")
-            lowered, expect = lower(case, device)
+            lowered, expect = lower(case, devices)
             compiled = lowered.compile(compiler_options={"xla_dump_to": str(dump)})
         figures = kernel_figures(dump, log.read_text(errors="replace"))
         problems += problems_of(figures, expect)
@@ -296,10 +328,20 @@ def run_case(case: Case, device, dump: Path) -> None:
             num_layers = model_config(MODELS[case.model]).num_layers
             if num_calls != num_layers:
                 problems.append(f"{num_calls} Triton decode_attention calls in the step for {num_layers} layers")
+            if case.tensor_parallel > 1:
+                collectives = collectives_of(compiled.as_text())
+                cfg = model_config(MODELS[case.model])
+                # Megatron: o_proj and down_proj each leave partial sums of [B, H]: 2 bf16 all-reduces per layer.
+                collectives["formula_bytes"] = 2 * num_layers * case.batch * cfg.hidden_size * 2
+                if collectives["all_reduce"] != 2 * num_layers or collectives["other"] or \
+                        collectives["all_reduce_bytes"] != collectives["formula_bytes"]:
+                    problems.append(f"collectives {collectives} differ from 2 bf16 all-reduces of [B, H] per layer")
     except Exception as e:  # noqa: BLE001  (a compile error is the finding)
         problems.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:500]}")
     case.result = dict(seconds=round(time.perf_counter() - start, 2), ok=not problems, problems=problems,
                        kernels=figures)
+    if collectives is not None:
+        case.result["collectives"] = collectives
 
 
 def describe(figures: dict) -> str:
@@ -347,12 +389,16 @@ def main(argv=None) -> int:
     dump_root = Path(args.dump_dir or tempfile.mkdtemp(prefix="kvjax-gpu-compile-"))
     dump_root.mkdir(parents=True, exist_ok=True)
     with stderr_to(dump_root / "startup.log"):  # the plugin's INFO lines
-        device = compile_only_device(target.read_text())
+        topologies = {n: compile_only_devices(target.read_text(), n) for n in {c.tensor_parallel for c in cases} | {1}}
+    device = topologies[1][0]
     print(f"compile-only {device.device_kind} from {target}: {len(cases)} cases, dumps in {dump_root}", flush=True)
     for i, case in enumerate(cases):
-        run_case(case, device, dump_root / f"{i:03d}")
+        run_case(case, topologies[case.tensor_parallel], dump_root / f"{i:03d}")
+        comm = case.result.get("collectives")
+        comm = f"; {comm['all_reduce']} all-reduces, {comm['all_reduce_bytes']:,} B {comm['all_reduce_dtypes']}, " \
+               f"other collectives {comm['other'] or 'none'}" if comm else ""
         print(f"{'ok  ' if case.result['ok'] else 'FAIL'} {case.name:45s} {case.result['seconds']:5.1f} s  "
-              + ("; ".join(case.result["problems"]) or describe(case.result["kernels"])), flush=True)
+              + ("; ".join(case.result["problems"]) or describe(case.result["kernels"])) + comm, flush=True)
     failed = [c.name for c in cases if not c.result["ok"]]
     seconds = time.perf_counter() - started
     print(f"{len(cases) - len(failed)}/{len(cases)} cases compiled for {device.device_kind} with no error or spill "

@@ -74,7 +74,11 @@ def tokenizer(work: pathlib.Path, texts: dict[str, str], cfg: lm.LMConfig):
     from transformers import PreTrainedTokenizerFast
 
     folder = work / "tokenizer"
-    if not (folder / "tokenizer.json").is_file():
+    init = pathlib.Path(cfg.init_from).expanduser()
+    source = next((d for d in (init, init / "tokenizer") if cfg.init_from and (d / "tokenizer.json").is_file()), None)
+    if not (folder / "tokenizer.json").is_file() and source is not None:  # the weights' own tokenizer
+        PreTrainedTokenizerFast.from_pretrained(str(source)).save_pretrained(folder)
+    elif not (folder / "tokenizer.json").is_file():
         lm.train_tokenizer(texts["train"].splitlines(keepends=True), cfg.vocab_size).save_pretrained(folder)
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 

@@ -61,6 +61,8 @@ def tiny_llama(tmp_path_factory):
 # not group on pytest 9 (it sets `item._nodeid`, which pytest 9 no longer reads), so the grouping
 # is done here by test name. The hook must live in this top conftest: xdist's controller does not
 # collect, so it loads only the conftests of the command-line paths (`tests`, from testpaths).
+# Likewise the tensor-parallel tests, which share one subprocess's report (module fixture `report`).
+SHARED_REPORT_MODULE = "tests/kvjax/test_parallel.py"
 SHARED_RUN_TESTS = ("test_training_lowers_validation_kl", "test_kill_and_resume_is_bitwise_equal",
                     "test_train_from_yaml_then_chat_reads_the_compressor")
 
@@ -74,6 +76,8 @@ def pytest_xdist_make_scheduler(config, log):
 
     class SharedRunScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid):  # every other test is a scope of its own, as under `load`
+            if nodeid.startswith(SHARED_REPORT_MODULE):
+                return SHARED_REPORT_MODULE
             return "trained_run" if nodeid.split("::")[-1].split("[")[0] in SHARED_RUN_TESTS else nodeid
 
     return SharedRunScheduling(config, log)

@@ -51,10 +51,11 @@ class LMConfig:
     copy_share: float = 0.0  # rows of a prose span repeated (bootstraps induction heads; drawn first)
     answer_weight: float = 4.0  # loss weight of an answer's tokens (the rest weigh 1)
     max_records: int = 5  # records per key-value recall row: 1 to this
+    max_prose_words: int = -1  # >= 0: a retrieval row's prose is 0 to this many words (else seq_len/16 to /2)
     questions: int = 1  # questions per recall row, 1 to this (the later ones as follow-up turns)
     short_seq_len: int = 0  # > 0: a short_share of the steps use rows this long (more rows per step)
     short_share: float = 0.0
-    init_from: str = ""  # another run's work dir: start from its latest weights (a fresh optimizer)
+    init_from: str = ""  # another run's work dir or an exported HF model: start from its weights (fresh optimizer)
     seed: int = 0
 
     def hf_config(self, tokenizer):
@@ -122,7 +123,9 @@ class Batches:
     def task_row(self, seed: int, rng: np.random.Generator, seq_len: int) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, answer spans) of one retrieval conversation that fits seq_len + 1 tokens: a recall task
         (with follow-up questions about its other records) or a needle."""
-        cfg, num_words = self.cfg, int(rng.integers(seq_len // 16, seq_len // 2))
+        cfg = self.cfg
+        low, high = (0, cfg.max_prose_words + 1) if cfg.max_prose_words >= 0 else (seq_len // 16, seq_len // 2)
+        num_words = int(rng.integers(low, high))
         is_recall, num_records = rng.random() < 0.5, int(rng.integers(1, cfg.max_records + 1))
         num_questions, depth = int(rng.integers(1, cfg.questions + 1)), float(rng.random())
         while True:

@@ -44,8 +44,18 @@ def _metrics(work: pathlib.Path, start: int):
     return path.open("a")
 
 
-def _latest_params(ocp, work: pathlib.Path, template):
-    """The weights of another run's latest checkpoint (a run of the same model shape)."""
+def _initial_params(ocp, source: pathlib.Path, template):
+    """The weights of another run's latest checkpoint, or of an exported HF model (same model shape)."""
+    if (source / "config.json").is_file():
+        import kvjax
+
+        model, _, _ = kvjax.load(source, "float32", tokenizer=False)
+        params = nnx.state(model, nnx.Param)
+        if jax.tree.structure(params) != jax.tree.structure(template["params"]) or any(
+                a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(template["params"]))):
+            raise KVJaxError(f"--init-from {source}: that model's shape differs from this run's flags")
+        return params
+    work = source
     with ocp.CheckpointManager((work / "checkpoints").absolute()) as other:
         step = other.latest_step()
         if step is None:
@@ -81,7 +91,7 @@ def train(work: pathlib.Path, texts, tokenizer, cfg: lm.LMConfig, *, save_every:
         if start:
             state = manager.restore(start, args=ocp.args.StandardRestore(state))
         elif cfg.init_from:
-            state = {"params": _latest_params(ocp, pathlib.Path(cfg.init_from).expanduser(), state), "opt_state":
+            state = {"params": _initial_params(ocp, pathlib.Path(cfg.init_from).expanduser(), state), "opt_state":
                      state["opt_state"]}
         batches = lm.Batches(tokenizer, texts["train"], cfg)
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvjax.cli.common import (Parser, ccm_from_flags, model_dir_from_flags, non_negative_int, parse_options,
-                              positive_int, run_cli)
+from kvjax.cli.common import (Parser, add_parallel_flags, ccm_from_flags, model_dir_from_flags, non_negative_int,
+                              parse_options, positive_int, run_cli, setup_parallel)
 from kvjax.errors import KVJaxError
 
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("KV-cache quantization")
     g.add_argument("--kv-quantize", choices=["none", "int8"], default="none",
                    help="store the prompt's K/V as int8 after prefill (after any --press / --kv-compress)")
+    add_parallel_flags(p)
     return p
 
 
@@ -103,7 +104,8 @@ def _load(args):
                   "King James Bible and key-value recall; see README)", file=sys.stderr)
     if not args.quiet:
         print(f"kvjax: loading {model_dir} ...", file=sys.stderr)
-    return (*kvjax.load(model_dir, dtype=args.dtype, progress=not args.quiet), model_dir)
+    return (*kvjax.load(model_dir, dtype=args.dtype, progress=not args.quiet,
+                        tensor_parallel=setup_parallel(args)), model_dir)
 
 
 def build_session(args):

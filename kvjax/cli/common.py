@@ -90,3 +90,29 @@ def ccm_from_flags(model_cfg, ckpt, compression_factor, min_seq_len, dtype: str)
                                min_seq_len=min_seq_len)
     return build_compressor(CompressorConfig.for_model(model_cfg, compression_factor=compression_factor,
                                                        min_seq_len=min_seq_len, dtype=dtype))
+
+
+def add_parallel_flags(parser, *, hosts: bool = True) -> None:
+    """--tensor-parallel N, and (hosts=True) the jax.distributed flags for a run that spans hosts."""
+    g = parser.add_argument_group("devices (kvjax.parallel)")
+    g.add_argument("--tensor-parallel", type=positive_int, metavar="N",
+                   help="split the model's layers and the KV cache (over KV heads) across N devices")
+    if hosts:
+        g.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="several hosts: process 0's address (jax.distributed; or $KVJAX_COORDINATOR); every "
+                            "process runs the same command with its own --process-id")
+        g.add_argument("--num-processes", type=positive_int, help="several hosts: how many processes in all")
+        g.add_argument("--process-id", type=non_negative_int, help="several hosts: this process's index")
+
+
+def setup_parallel(args) -> int | None:
+    """Join the multi-host run the flags describe (before anything touches a device); returns the
+    tensor-parallel size to load with (None: one device)."""
+    from kvjax import parallel
+
+    spans_hosts = any(getattr(args, name, None) is not None for name in ("coordinator", "num_processes",
+                                                                         "process_id"))
+    if spans_hosts or os.environ.get("KVJAX_COORDINATOR"):
+        parallel.initialize_distributed(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                                        getattr(args, "process_id", None))
+    return args.tensor_parallel

@@ -15,7 +15,7 @@ import logging
 import pathlib
 import sys
 
-from kvjax.cli.common import Parser, model_dir_from_flags, non_negative_int, parse_options, positive_int, run_cli
+from kvjax.cli.common import Parser, add_parallel_flags, model_dir_from_flags, non_negative_int, parse_options, positive_int, run_cli
 from kvjax.errors import KVJaxError
 
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--press-option", action="append", metavar="NAME=VALUE", help="press hyper-parameter, repeatable")
     g.add_argument("--kv-quantize", choices=["none", "int8"], default="none",
                    help="keep every request's KV pages int8 (about 3.6x the pages of float32 per byte)")
+    add_parallel_flags(p, hosts=False)  # one host: the HTTP front end and the engine loop live in one process
     return p
 
 
@@ -77,7 +78,7 @@ def load_service(args):
     model_dir = model_dir_from_flags(args.model_dir, args.demo)
     is_default = defaults.is_default_model(model_dir)
     logging.getLogger("kvjax.serve").info("loading %s", model_dir)
-    model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype)
+    model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype, tensor_parallel=args.tensor_parallel)
     text_cfg = getattr(cfg, "text", cfg)
     import jax.numpy as jnp
 

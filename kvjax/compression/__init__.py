@@ -19,13 +19,14 @@ import functools
 import jax
 import numpy as np
 
+from kvjax import parallel
 from kvjax.cache import KVCache
 from kvjax.compression import presses
 from kvjax.compression.ccm import CCMCompressor, compress_ccm
 from kvjax.compression.int8 import Int8KV, quantize_cache
 from kvjax.compression.presses import Press, compress_with_press, forward_observed, ratio_free
 from kvjax.errors import KVJaxError
-from kvjax.steps import last_logits, prepare_prompt, split
+from kvjax.steps import last_logits, on_mesh, prepare_prompt, split
 
 METHOD_TYPES = (CCMCompressor, Press, Int8KV)
 
@@ -61,14 +62,16 @@ def compress(cache: KVCache, method, image_len=None, *, observations=None, prote
     if not any(isinstance(s, Press) for s in steps) and (observations is not None or protect_image
                                                           or protect_last is not None):
         raise KVJaxError("observations, protect_image and protect_last apply to presses; this method has none")
-    for step in steps:
-        if isinstance(step, Int8KV):
-            cache = quantize_cache(cache)
-        elif isinstance(step, Press):
-            cache = compress_with_press(cache, step, image_len, observations=observations, protect_image=protect_image,
-                                        protect_last=protect_last, rope_positions=rope_positions, mode=mode)
-        else:
-            cache = compress_ccm(cache, step, image_len, rope_positions=rope_positions, mode=mode)
+    with parallel.tracing_under(parallel.mesh_of(cache)):  # a tensor-parallel cache compresses per shard
+        for step in steps:
+            if isinstance(step, Int8KV):
+                cache = quantize_cache(cache)
+            elif isinstance(step, Press):
+                cache = compress_with_press(cache, step, image_len, observations=observations,
+                                            protect_image=protect_image, protect_last=protect_last,
+                                            rope_positions=rope_positions, mode=mode)
+            else:
+                cache = compress_ccm(cache, step, image_len, rope_positions=rope_positions, mode=mode)
     return cache
 
 
@@ -86,8 +89,10 @@ def prefill_observing(model, cache: KVCache, tokens, lengths=None, embeds=None, 
     tokens, lengths = prepare_prompt(cache, tokens, lengths, embeds)
     if np.asarray(cache.kv_len).any():
         raise KVJaxError("prefill_and_compress needs an empty cache: methods compress a fresh prompt (as kvpress)")
-    return _prefill_observing(parts.graphdef, parts.state, cache, tokens, lengths, embeds,
-                              None if press is None else ratio_free(press))
+    cache, context = on_mesh(parts, cache)
+    with context:
+        return _prefill_observing(parts.graphdef, parts.state, cache, tokens, lengths, embeds,
+                                  None if press is None else ratio_free(press))
 
 
 def prefill_and_compress(model, cache: KVCache, tokens, lengths=None, embeds=None, *, method, image_len=None,

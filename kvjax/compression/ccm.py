@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvjax import parallel
 from kvjax.cache import KVCache
 from kvjax.errors import KVJaxError
 from kvjax.compression.common import ROPE_POSITIONS, check_rope_positions, next_positions, per_row
@@ -176,8 +177,12 @@ def apply_compression(cache: KVCache, compressor: CCMCompressor, image_len, *, r
         k, v, new_len = ccm_compress_reference(cache.k, cache.v, cache.kv_len, image_len, compressor.ccm_weights(),
                                                dropout=compressor.text_k.dropout, **kwargs)
     else:
-        k, v, new_len = ccm_compress(cache.k, cache.v, cache.kv_len, image_len, compressor.ccm_weights(),
-                                     mode=mode, **kwargs)
+        def kernel(k, v, kv_len, image_len, weights):  # per shard of the KV heads when tensor-parallel
+            return ccm_compress(k, v, kv_len, image_len, weights, mode=mode, **kwargs)
+
+        heads, same = parallel.LAYER_HEADS, parallel.REPLICATED
+        k, v, new_len = parallel.per_shard(kernel, (cache.k, cache.v, cache.kv_len, image_len, compressor.ccm_weights()),
+                                           (heads, heads, same, same, same), out_specs=(heads, heads, same))
     return cache.replace(k=k, v=v, kv_len=new_len, positions=next_positions(cache, new_len, rope_positions))
 
 
@@ -196,6 +201,8 @@ def compress_ccm(cache: KVCache, compressor: CCMCompressor, image_len=None, *, r
     if cache.layer_kv_len is not None:
         raise KVJaxError("this cache was pressed with per-layer budgets; CCM compresses a fresh prefill")
     image_len = per_row("image_len", image_len, cache.batch)
+    if (mesh := parallel.mesh_of(cache)) is not None:  # the MLPs on every device of a tensor-parallel cache
+        parallel.replicate_module(compressor, mesh)
     graphdef, state = nnx.split(compressor)
     if compressor.is_training:  # the inference step runs the MLPs without dropout
         inference = nnx.merge(graphdef, state)

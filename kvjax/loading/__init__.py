@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from kvjax import parallel
 from kvjax.errors import KVJaxError
 from kvjax.loading.hf import (fill_module, iter_tensors, load_tokenizer, read_config_json, resolve_dtype,
                               safetensors_files)
@@ -37,12 +38,15 @@ LOADERS: dict[str, Loader] = {
 }
 
 
-def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bool = False):
+def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bool = False,
+         tensor_parallel: int | None = None, mesh=None):
     """Load a HF directory of any family in LOADERS -> (model, tokenizer or None, config).
 
     VLMs (LLaVA-1.5, MiniCPM-V-2.6) return their module and a config whose `.text` is the LM's.
     dtype: "auto" (the checkpoint's own), "float32", "bfloat16" or "float16".
     progress: show a tqdm bar over the tensors (worth it for multi-GB checkpoints).
+    tensor_parallel=N (or a `kvjax.parallel.make_mesh` mesh): the LM's layers split over N devices
+    (`kvjax.parallel`); the steps then run tensor-parallel with the same calls.
     """
     path, config = read_config_json(model_dir)
     kind = config.get("model_type")
@@ -50,7 +54,11 @@ def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bo
         raise KVJaxError(f"unsupported model_type {kind!r} in {path / 'config.json'}; kvjax loads "
                          f"{', '.join(sorted(LOADERS))}")
     loader = LOADERS[kind]
+    if tensor_parallel is not None and mesh is None:
+        mesh = parallel.make_mesh(tensor_parallel)
     model, cfg = loader.load(path, config, resolve_dtype(dtype, config), progress=progress)
+    if mesh is not None:
+        parallel.shard_model(model, mesh)
     return model, (loader.tokenizer(path) if tokenizer else None), cfg
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 
+from kvjax import parallel
 from kvjax.cache import as_dense, kernel_operands, read_layer, store
 from pallas_kernels._dispatch import kernel_mode
 from pallas_kernels.decode_attention import attention_reference, decode_attention
@@ -32,18 +33,36 @@ def cached_attention(
     if isinstance(k, PagedKV):
         if num_new == 1:  # int8 pages pass their scales; the kernel dequantizes per page
             (k_pages, k_scales), (v_pages, v_scales) = kernel_operands(k.pages), kernel_operands(v.pages)
-            return paged_attention(q[:, 0], k_pages, v_pages, k.page_table, visible_len[:, 0], layer,
-                                   k_scales, v_scales)[:, None]
+            pages = parallel.LAYER_HEADS if layer is not None else parallel.HEADS
+
+            def paged(q, k_pages, v_pages, table, lengths, k_scales, v_scales):
+                return paged_attention(q, k_pages, v_pages, table, lengths, layer, k_scales, v_scales)
+
+            args = (q[:, 0], k_pages, v_pages, k.page_table, visible_len[:, 0], k_scales, v_scales)
+            specs = (parallel.HEADS, pages, pages, parallel.REPLICATED, parallel.REPLICATED, pages, pages)
+            return _kernel(paged, args, specs)[:, None]
         # Prefill: a dense (dequantized) view of the layer's pages.
         k, v, layer = as_dense(k.read_layer(layer)), as_dense(v.read_layer(layer)), None
     if num_new == 1 and kernel_mode() != "reference":
         # Decode on GPU: the ragged split-K kernel reads only visible slots (int8: dequantized in the
         # kernel). CPU keeps the code below.
         (k_values, k_scales), (v_values, v_scales) = kernel_operands(k), kernel_operands(v)
-        return decode_attention(q[:, 0], k_values, v_values, visible_len[:, 0], layer, k_scales, v_scales)[:, None]
+        heads = parallel.LAYER_HEADS if layer is not None else parallel.HEADS
+
+        def dense(q, k_values, v_values, lengths, k_scales, v_scales):
+            return decode_attention(q, k_values, v_values, lengths, layer, k_scales, v_scales)
+
+        args = (q[:, 0], k_values, v_values, visible_len[:, 0], k_scales, v_scales)
+        return _kernel(dense, args, (parallel.HEADS, heads, heads, parallel.REPLICATED, heads, heads))[:, None]
     if layer is not None:  # an int8 cache is dequantized here (kvjax.quantization)
         k, v = read_layer(k, layer), read_layer(v, layer)
     return attention_reference(q, k, v, visible_len).astype(v.dtype)
+
+
+def _kernel(fn, args, specs):
+    """A decode kernel over its operands, per shard of the KV heads when tensor-parallel (XLA cannot
+    partition a Pallas call; the reference path below it is partitioned by XLA itself)."""
+    return parallel.per_shard(fn, args, specs, out_specs=parallel.HEADS)
 
 
 def store_kv(cache_x, layer: int, rows, slots, new: jax.Array):

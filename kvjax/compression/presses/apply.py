@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from kvjax import parallel
 from kvjax.cache import KVCache, is_quantized
 from kvjax.compression.common import check_rope_positions, next_positions, per_row
 from kvjax.compression.presses.base import PROTECTED, Press, PressInputs, ScorerPress, slot_index
@@ -96,7 +97,9 @@ def apply_press(cache: KVCache, press: Press, n_kept, protect_first, observation
     kept = kept_mask(press, inputs, n_kept, protect_first, protect_last)
     n_kept = n_kept.astype(jnp.int32)
     new_len = n_kept.max(axis=0) if per_layer else n_kept[0]
-    k, v = compact_kv(cache.k, cache.v, kept_first(kept, n_kept), new_len, mode=mode)
+    heads = parallel.LAYER_HEADS  # per shard of the KV heads when tensor-parallel: slots move within a head
+    k, v = parallel.per_shard(functools.partial(compact_kv, mode=mode), (cache.k, cache.v, kept_first(kept, n_kept),
+                              new_len), (heads, heads, heads, parallel.REPLICATED), out_specs=(heads, heads))
     return cache.replace(k=k, v=v, kv_len=new_len, positions=next_positions(cache, new_len, rope_positions),
                          layer_kv_len=n_kept if per_layer else None)
 
