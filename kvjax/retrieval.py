@@ -10,8 +10,8 @@ KV cache still holds the facts a question needs. Formats (plain text, documented
 
 The reply repeats the record because then the code follows "<name> is" in both places: the model
 copies it as an induction head would, rather than first recalling which record was asked about.
-Names are drawn from a fixed list, codes uniformly from 1000-9999; the same seed gives the same
-task. Prose is any list of sentences (the training split, or held-out text for evaluation).
+Names are drawn from a fixed list (NAMES: 62 people of the KJV), codes uniformly from 1000-9999;
+the same seed gives the same task. Prose is any list of sentences (the training split, or held-out text for evaluation).
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ import numpy as np
 
 from kvjax.errors import KVJaxError
 
+# Each one BPE token for the shipped tokenizer (" David" -> one id), so a question names its record
+# in one token; multi-token names that share suffixes (" Ad" "a", " Cor" "a") made binding a code to
+# its name much harder to learn for the small default model.
 NAMES = (
-    "Abel", "Ada", "Agnes", "Alba", "Amos", "Anna", "Arden", "Asa", "Basil", "Bea", "Bram", "Cora", "Cyrus",
-    "Dara", "Dell", "Edda", "Eli", "Enid", "Ezra", "Faye", "Finn", "Gale", "Gus", "Hale", "Hana", "Ida", "Ira",
-    "Ivo", "Jada", "Jem", "Juno", "Kai", "Kit", "Lars", "Lena", "Lior", "Mabel", "Milo", "Nell", "Nico", "Noor",
-    "Odo", "Olga", "Otto", "Pia", "Quin", "Rhea", "Rolf", "Ruth", "Sage", "Saul", "Tess", "Theo", "Uma",
-    "Vera", "Wade", "Wren", "Xena", "Yara", "Yusuf", "Zane", "Zora",
+    "Aaron", "Abner", "Abraham", "Abram", "Absalom", "Ahab", "Ahaz", "Amaziah", "Asa", "Azariah", "Balaam",
+    "Balak", "Benaiah", "Benjamin", "Daniel", "David", "Eleazar", "Elijah", "Elisha", "Esau", "Gideon",
+    "Hezekiah", "Isaac", "Ishmael", "Jacob", "Jehoiada", "Jehu", "Jeremiah", "Jeroboam", "Jesse", "Joab",
+    "Joash", "Job", "John", "Jonathan", "Joseph", "Joshua", "Josiah", "Laban", "Levi", "Mary", "Moses",
+    "Nathan", "Noah", "Paul", "Peter", "Pilate", "Rachel", "Rehoboam", "Reuben", "Samson", "Samuel", "Sarah",
+    "Saul", "Shemaiah", "Shimei", "Simeon", "Simon", "Solomon", "Zadok", "Zechariah", "Zedekiah",
 )
 
 

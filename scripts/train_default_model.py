@@ -92,6 +92,8 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--stop-after", type=int, help="stop after this many steps of this run (tests, time slices)")
+    p.add_argument("--export-latest", action="store_true",
+                   help="export WORK's latest checkpoint to --out now (a run stopped before --steps); no training")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -99,17 +101,26 @@ def parse_args(argv):
 def main(argv=None, *, bible_text: str | None = None) -> int:
     args = parse_args(argv)
     try:
-        from training.lm_run import train
+        from training.lm_run import latest_model, train
 
         cfg = lm.LMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(lm.LMConfig)})
         work = pathlib.Path(args.work_dir).expanduser()
         texts = corpus(work, bible_text)
-        model = train(work, texts, tokenizer(work, texts, cfg), cfg, save_every=args.save_every,
-                      eval_every=args.eval_every, stop_after=args.stop_after, quiet=args.quiet)
+        extra = {}
+        if args.export_latest:
+            if not args.out:
+                raise KVJaxError("--export-latest writes to --out DIR: pass it")
+            if (work / "run.json").is_file():  # the run's own settings, whatever the flags say
+                cfg = lm.LMConfig(**json.loads((work / "run.json").read_text()))
+            model, step = latest_model(work, cfg, tokenizer(work, texts, cfg))
+            extra = {"steps_done": step}
+        else:
+            model = train(work, texts, tokenizer(work, texts, cfg), cfg, save_every=args.save_every,
+                          eval_every=args.eval_every, stop_after=args.stop_after, quiet=args.quiet)
         if args.out and model is not None:
             manifest = json.loads((work / "corpus" / "manifest.json").read_text())
-            print(f"wrote {lm.export(model, tokenizer(work, texts, cfg), cfg, args.out, {'data': manifest})}",
-                  file=sys.stderr)
+            out = lm.export(model, tokenizer(work, texts, cfg), cfg, args.out, {"data": manifest, **extra})
+            print(f"wrote {out}", file=sys.stderr)
     except KVJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -112,3 +112,17 @@ def train(work: pathlib.Path, texts, tokenizer, cfg: lm.LMConfig, *, save_every:
                 manager.save(step + 1, args=ocp.args.StandardSave(state), force=step + 1 == end)
         manager.wait_until_finished()
     return nnx.merge(graphdef, state["params"]) if end == cfg.steps else None
+
+
+def latest_model(work: pathlib.Path, cfg: lm.LMConfig, tokenizer):
+    """(the model at WORK's latest checkpoint, its step): to export a run stopped early."""
+    import orbax.checkpoint as ocp
+
+    graphdef, params = nnx.split(new_model(cfg, tokenizer))
+    state = {"params": params, "opt_state": lm.optimizer(cfg).init(params)}
+    with ocp.CheckpointManager((work / "checkpoints").absolute()) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise KVJaxError(f"{work} has no checkpoint to export; train first")
+        state = manager.restore(step, args=ocp.args.StandardRestore(state))
+    return nnx.merge(graphdef, state["params"]), step

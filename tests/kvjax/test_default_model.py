@@ -31,6 +31,18 @@ def test_shipped_model_beats_its_bigram_baseline_on_held_out_text():
     assert ppl < figures["bigram_ppl"], (ppl, figures)
 
 
+def test_recall_names_and_digits_are_single_tokens_of_the_shipped_tokenizer():
+    """The task format's promise (README): a question names its record in one token, and a code
+    copies digit by digit."""
+    from kvjax.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(MODEL)
+    assert len(set(retrieval.NAMES)) == len(retrieval.NAMES) == 62
+    for name in retrieval.NAMES:
+        assert len(tokenizer.tokenize(" " + name)) == 1, name
+    assert tokenizer.tokenize(" 4821")[-4:] == list("4821")
+
+
 def recall_question(seed: int, num_words: int = 200):
     """A key-value recall task on the held-out books, rendered as the one message a user types."""
     task = retrieval.key_value_recall(retrieval.sentences(HELD_OUT.read_text()), seed, num_records=4,
