@@ -150,10 +150,9 @@ class Runner:
         dest = self.allocator.table(slots, width, batch, fill=self.cache.num_pages)  # padding writes nowhere
         image_len = np.zeros(batch, np.int32)
         image_len[:len(seqs)] = [s.request.image_len for s in seqs]
-        with parallel.tracing_under(self.parts.mesh):
-            dense = kvjax.compress(gather_dense(self.cache, rows, table), method, image_len,
-                                   observations=observations, protect_image=protect_image, rope_positions=rope_positions)
-            self.cache = scatter_dense(self.cache, rows, dest, dense)
+        dense = kvjax.compress(gather_dense(self.cache, rows, table), method, image_len, observations=observations,
+                               protect_image=protect_image, rope_positions=rope_positions)  # per shard on a mesh
+        self.cache = scatter_dense(self.cache, rows, dest, dense)
         self.num_compress_calls += 1
         return np.asarray(dense.kv_len)[:len(seqs)].tolist()  # the one sync: pages are freed next
 

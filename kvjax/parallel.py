@@ -49,7 +49,8 @@ def make_mesh(tensor_parallel: int, devices=None) -> jax.sharding.Mesh:
 
 
 def tp_size(mesh) -> int:
-    return 1 if mesh is None else int(mesh.shape.get(AXIS, 1))
+    """The tensor-parallel size of a Mesh or AbstractMesh (1 for None or an empty one)."""
+    return 1 if mesh is None or mesh.empty else int(mesh.shape.get(AXIS, 1))
 
 
 def check_divisible(cfg, tensor_parallel: int) -> None:
@@ -163,8 +164,7 @@ def tracing_under(mesh):
 
 def current_tp() -> int:
     """The tensor-parallel size of the mesh being traced under (1 outside `tracing_under`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else int(dict(zip(mesh.axis_names, mesh.axis_sizes)).get(AXIS, 1))
+    return tp_size(jax.sharding.get_abstract_mesh())
 
 
 def per_shard(fn: Callable, args: tuple, specs: tuple, out_specs):
