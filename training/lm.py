@@ -50,7 +50,9 @@ class LMConfig:
     retrieval_share: float = 0.5  # rows that are retrieval tasks (the rest: prose windows)
     copy_share: float = 0.0  # rows of a prose span repeated (bootstraps induction heads; drawn first)
     answer_weight: float = 4.0  # loss weight of an answer's tokens (the rest weigh 1)
-    max_records: int = 5  # records per key-value recall row: 1 to this
+    min_records: int = 1  # records per key-value recall row: min_records to max_records
+    max_records: int = 5
+    needle_share: float = 0.5  # retrieval rows that are needles (one record); the rest key-value recall
     max_prose_words: int = -1  # >= 0: a retrieval row's prose is 0 to this many words (else seq_len/16 to /2)
     questions: int = 1  # questions per recall row, 1 to this (the later ones as follow-up turns)
     short_seq_len: int = 0  # > 0: a short_share of the steps use rows this long (more rows per step)
@@ -114,6 +116,11 @@ class Batches:
 
     def __init__(self, tokenizer, train_text: str, cfg: LMConfig):
         self.tokenizer, self.cfg = tokenizer, cfg
+        if not 1 <= cfg.min_records <= cfg.max_records:
+            raise KVJaxError(f"--min-records {cfg.min_records} and --max-records {cfg.max_records}: need "
+                             "1 <= min <= max")
+        if not 0.0 <= cfg.needle_share <= 1.0:
+            raise KVJaxError(f"--needle-share must be in [0, 1], got {cfg.needle_share}")
         self.stream = np.asarray(tokenizer(train_text, add_special_tokens=False)["input_ids"], np.int32)
         self.sentences = retrieval.sentences(train_text)
         if len(self.stream) <= cfg.seq_len or not self.sentences:
@@ -126,7 +133,8 @@ class Batches:
         cfg = self.cfg
         low, high = (0, cfg.max_prose_words + 1) if cfg.max_prose_words >= 0 else (seq_len // 16, seq_len // 2)
         num_words = int(rng.integers(low, high))
-        is_recall, num_records = rng.random() < 0.5, int(rng.integers(1, cfg.max_records + 1))
+        is_recall = rng.random() >= cfg.needle_share
+        num_records = int(rng.integers(cfg.min_records, cfg.max_records + 1))
         num_questions, depth = int(rng.integers(1, cfg.questions + 1)), float(rng.random())
         while True:
             if is_recall:
@@ -229,18 +237,24 @@ def optimizer(cfg: LMConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
 
 
-def _loss(params, graphdef, batch):
-    tokens, weights = batch["tokens"], batch["weights"]
+def token_loss(graphdef, params, tokens, weights, embeds=None):
+    """Next-token NLL of a causal LM: tokens int32 [B, T + 1] (inputs and shifted targets), weights
+    float32 [B, T], embeds (inputs given as embeddings, e.g. with image features) [B, T, H] or None
+    -> (weighted mean loss, unweighted mean NLL over the weighted targets)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     model = nnx.merge(graphdef, params)
     batch_size, seq_len = inputs.shape
     cache = KVCache.for_model(model.cfg, batch_size, seq_len, jnp.float32)
     lengths = jnp.full((batch_size,), seq_len, jnp.int32)
-    hidden, _ = forward_hidden(graphdef, params, cache, inputs, lengths)
+    hidden, _ = forward_hidden(graphdef, params, cache, inputs, lengths, embeds)
     logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0), jnp.sum(nll * (weights > 0)) / jnp.maximum(
         jnp.sum(weights > 0), 1)
+
+
+def _loss(params, graphdef, batch):
+    return token_loss(graphdef, params, batch["tokens"], batch["weights"])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4), donate_argnums=(0, 2))

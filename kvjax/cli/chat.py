@@ -94,14 +94,16 @@ def method_from_flags(args, cfg, dtype):
 def _load(args):
     import kvjax
 
-    model_dir = model_dir_from_flags(args.model_dir, args.demo)
+    model_dir = model_dir_from_flags(args.model_dir, args.demo, args.image)
     if args.demo:
         print(f"kvjax: using the built-in demo model in {model_dir}. It has RANDOM weights: its answers are "
               "gibberish.", file=sys.stderr)
     elif args.model_dir is None:
         if not args.quiet:
-            print("kvjax: no --model-dir given, using the shipped default model (a 6-layer Llama trained on the "
-                  "King James Bible and key-value recall; see README)", file=sys.stderr)
+            what = ("the shipped default VLM (a tiny LLaVA trained on drawn shapes: colours, kinds, counts, places; "
+                    "see README)" if args.image is not None else "the shipped default model (a 6-layer Llama "
+                    "trained on the King James Bible and key-value recall; see README)")
+            print(f"kvjax: no --model-dir given, using {what}", file=sys.stderr)
     if not args.quiet:
         print(f"kvjax: loading {model_dir} ...", file=sys.stderr)
     return (*kvjax.load(model_dir, dtype=args.dtype, progress=not args.quiet,
@@ -122,7 +124,7 @@ def build_session(args):
     model, tokenizer, cfg, model_dir = _load(args)
     text_cfg = getattr(cfg, "text", cfg)
     if args.kv_compress and args.kv_compress_ckpt is None and defaults.is_default_model(model_dir):
-        args.kv_compress_ckpt = str(defaults.default_compressor_dir(args.kv_compress_factor))
+        args.kv_compress_ckpt = str(defaults.default_compressor_dir(args.kv_compress_factor, model_dir))
     return ChatSession.create(
         model, tokenizer, cfg, model_dir=model_dir, image=args.image, system=args.system, sampling=sampling,
         seed=args.seed, method=method_from_flags(args, text_cfg, model.dtype), max_tokens=args.max_tokens,

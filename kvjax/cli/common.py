@@ -67,16 +67,18 @@ def parse_options(pairs) -> dict:
     return options
 
 
-def model_dir_from_flags(model_dir, demo):
-    """--model-dir, or --demo's built-in random checkpoint (written offline on first use), or the
-    shipped default model."""
+def model_dir_from_flags(model_dir, demo, image=None):
+    """--model-dir, or --demo's built-in random checkpoint (written offline on first use), or a
+    shipped model: the default VLM when there is an --image, else the default text model."""
     from kvjax import defaults, testing
 
     if model_dir is not None and demo:
         raise KVJaxError("pass either --model-dir or --demo, not both")
     if demo:
         return testing.ensure_demo_vlm(demo) if demo in ("llava", "minicpmv") else testing.ensure_demo_checkpoint()
-    return model_dir or defaults.default_model_dir()
+    if model_dir is not None:
+        return model_dir
+    return defaults.default_vlm_dir() if image is not None else defaults.default_model_dir()
 
 
 def ccm_from_flags(model_cfg, ckpt, compression_factor, min_seq_len, dtype: str):

@@ -11,6 +11,12 @@ Without --model-dir the built-in demo model is used. Errors print one line and e
 runs the fidelity suite (kvjax.suites.fidelity: every method at equal KV bytes, retrieval accuracy,
 held-out PPL, agreement) on the shipped default model and its compressors, or on --model-dir with
 --kv-compress-ckpt; it writes fidelity.json and fidelity.png.
+
+    python -m kvjax.evaluate --suite vqa --out-dir vqa_out [--quick]
+
+runs the VQA suite (kvjax.suites.vqa: image-token compression at equal KV bytes, answers about the
+test scenes of kvjax.scenes) on the shipped default VLM and its compressors, or on a LLaVA /
+MiniCPM-V --model-dir; it writes vqa.json and vqa.png.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m kvjax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", help="local HF model directory (default: the demo model; with --suite, the "
                                        "shipped default model)")
-    p.add_argument("--suite", choices=["fidelity"], help="run a fixed suite instead of --methods")
+    p.add_argument("--suite", choices=["fidelity", "vqa"], help="run a fixed suite instead of --methods")
     p.add_argument("--quick", action="store_true", help="with --suite: a few examples only (CI)")
     p.add_argument("--methods", nargs="+", default=["knorm:0.25,0.5", "int8"],
                    help="methods to sweep: none, int8, PRESS:R1,R2 (see kvjax.presses.list_presses()), ccm:FACTOR; "
@@ -114,31 +120,44 @@ def run_suite(args) -> dict:
     from kvjax.compression.checkpoint import load_compressor
     from kvjax.suites import fidelity
 
-    model_dir = pathlib.Path(args.model_dir) if args.model_dir else defaults.default_model_dir()
+    is_vqa = args.suite == "vqa"
+    model_dir = pathlib.Path(args.model_dir) if args.model_dir else (
+        defaults.default_vlm_dir() if is_vqa else defaults.default_model_dir())
     model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype)
-    if hasattr(cfg, "text"):
-        raise KVJaxError(f"{model_dir} is a vision-language model; the fidelity suite takes a text model")
+    if hasattr(cfg, "text") != is_vqa:
+        raise KVJaxError(f"{model_dir} is a {'text' if is_vqa else 'vision-language'} model; the {args.suite} suite "
+                         f"takes a {'LLaVA or MiniCPM-V' if is_vqa else 'text'} model")
     if args.kv_compress_ckpt:
         ckpts = [args.kv_compress_ckpt]
     else:
-        ckpts = [defaults.default_compressor_dir(f) for f in defaults.shipped_factors()] \
+        ckpts = [defaults.default_compressor_dir(f, model_dir) for f in defaults.shipped_factors(model_dir)] \
             if defaults.is_default_model(model_dir) else []
         if not ckpts:
             print("kvjax: no --kv-compress-ckpt for this model: the table has no CCM rows", file=sys.stderr)
-    compressors = [load_compressor(c, cfg, dtype=args.dtype) for c in ckpts]
-    text = _read(args.text or str(defaults.HELD_OUT_TEXT), "text")
-    report = {"model": str(model_dir), "compressors": [str(c) for c in ckpts],
-              **fidelity.run(model, tokenizer, text, compressors, fidelity.QUICK if args.quick else
-                             fidelity.FidelityConfig(), progress=not args.quiet)}
+    compressors = [load_compressor(c, getattr(cfg, "text", cfg), dtype=args.dtype) for c in ckpts]
+    if is_vqa:
+        from kvjax.suites import vqa as suite
+        from kvjax.vision import prompter_for
+
+        rows = suite.run(model, tokenizer, prompter_for(model, tokenizer, cfg, model_dir), compressors,
+                         suite.QUICK if args.quick else suite.VQAConfig(), progress=not args.quiet)
+    else:
+        suite = fidelity
+        text = _read(args.text or str(defaults.HELD_OUT_TEXT), "text")
+        rows = fidelity.run(model, tokenizer, text, compressors, fidelity.QUICK if args.quick else
+                            fidelity.FidelityConfig(), progress=not args.quiet)
+    report = {"model": str(model_dir), "compressors": [str(c) for c in ckpts], **rows}
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.suite}.json").write_text(json.dumps(report, indent=2) + "\n")
     if not args.no_plot:
-        fidelity.plot(report, out / "fidelity.png")
+        suite.plot(report, out / f"{args.suite}.png")
     for row in report["rows"]:
-        print(f"{row['method']:>24}  kv {row['kv_bytes_ratio']:.3f}  retrieval {row['retrieval_acc']:.3f}  "
-              f"ppl {row['ppl']:8.3f}  top1 {row['agreement']:.3f}  kl {row['kl']:.4f}")
-    print(f"wrote {out / 'fidelity.json'}", file=sys.stderr)
+        scores = (f"vqa {row['vqa_acc']:.3f}" if is_vqa else f"retrieval {row['retrieval_acc']:.3f}  ppl "
+                  f"{row['ppl']:8.3f}")
+        print(f"{row['method']:>24}  kv {row['kv_bytes_ratio']:.3f}  {scores}  agree {row['agreement']:.3f}  "
+              f"kl {row['kl']:.4f}")
+    print(f"wrote {out / f'{args.suite}.json'}", file=sys.stderr)
     return report
 
 

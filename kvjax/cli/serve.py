@@ -84,7 +84,7 @@ def load_service(args):
 
     dtype = jnp.dtype(model.dtype).name
     paths = [args.kv_compress_ckpt] if args.kv_compress_ckpt else \
-        [defaults.default_compressor_dir(f) for f in defaults.shipped_factors()] if is_default else []
+        [defaults.default_compressor_dir(f, model_dir) for f in defaults.shipped_factors(model_dir)] if is_default else []
     compressors = {}
     for path in paths:
         compressor = load_compressor(path, text_cfg, dtype=dtype)

@@ -1,0 +1,145 @@
+"""The VQA suite (`python -m kvjax.evaluate --suite vqa`): how much of a VLM's answers about an
+image each KV-cache compression method keeps at equal KV memory, on the shipped default VLM by
+default, over the test split of `kvjax.scenes`.
+
+Protocol (kvpress's, as in the fidelity suite): the prompt up to the end of the image ("USER: " and
+the image features) is prefilled and compressed, then the question ("\\n<question> ASSISTANT:")
+is prefilled after it, so no method sees the question, and the answer is generated greedily. CCM
+compresses the image span with its image MLPs.
+
+Rows: the full cache ("full"); CCM at each compressor's factor ("ccm:<cf>"); every ratio press at
+the KV bytes each CCM row measured and at 50 %; int8 alone, after the strongest CCM and after two
+presses. Presses with image protection are not rows: the compressed context is the image, so
+protecting it leaves nothing to compress (kv_bytes_ratio 1.0 by construction).
+
+Columns: kv_bytes_ratio (bytes the compressed cache holds / the full cache's, both measured from
+the cache after the same context), vqa_acc (and per question kind), agreement (share of replies
+identical to the full cache's), kl (KL(full || compressed) of the first answer token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from kvjax import evaluation, scenes
+from kvjax.cache import KVCache
+from kvjax.compression import Int8KV, prefill_and_compress
+from kvjax.evaluation import Method
+from kvjax.prompts import bucket
+from kvjax.steps import generate_from, prefill, split
+from kvjax.suites.fidelity import INT8_PRESSES, ccm_methods, press_methods, with_int8
+
+PANELS = (("vqa_acc", "VQA accuracy"), ("agreement", "replies equal to the full cache's"))
+
+
+@dataclasses.dataclass(frozen=True)
+class VQAConfig:
+    num_scenes: int = 120  # test-split scenes, one question each (the kinds in turn)
+    split: str = "test"
+    max_new_tokens: int = 8
+
+
+QUICK = VQAConfig(num_scenes=6)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQAPrompt:
+    context: np.ndarray  # int32 [1, W]: BOS .. the last image position, padded
+    context_len: int
+    embeds: object  # [1, W, H]: the context's input embeddings, image features in
+    question: np.ndarray  # int32 [1, Q]: "\n<question> ASSISTANT:", padded
+    question_len: int
+    asked: scenes.Question
+
+
+def prompts(prompter, cfg: VQAConfig) -> list[VQAPrompt]:
+    """One prompt per test scene, its question the scene's (index mod kinds)-th, embedded once."""
+    out = []
+    image_size = prompter.cfg.vision.image_size
+    for i in range(cfg.num_scenes):
+        scene, questions = scenes.task(cfg.split, i)
+        asked = questions[i % len(questions)]
+        pixels = prompter.pixels(scene.render(image_size))
+        ids, mask = prompter.encode([{"role": "user", "content": asked.text}], pixels)
+        image_len = int(np.flatnonzero(mask)[-1]) + 1
+        width, q_width = bucket(image_len, smallest=64), bucket(len(ids) - image_len, smallest=16)
+        context, image_mask = np.zeros((1, width), np.int32), np.zeros((1, width), bool)
+        context[0, :image_len], image_mask[0, :image_len] = ids[:image_len], mask[:image_len]
+        question = np.zeros((1, q_width), np.int32)
+        question[0, :len(ids) - image_len] = ids[image_len:]
+        out.append(VQAPrompt(context, image_len, prompter.embed(context, image_mask, [pixels]), question,
+                             len(ids) - image_len, asked))
+    return out
+
+
+def answers(model, tokenizer, items: list[VQAPrompt], method: Method, max_new_tokens: int):
+    """Per prompt: (reply text, first-answer-token logits [V], KV bytes after compression)."""
+    lm = split(model.language_model)
+    eos = tuple(sorted(set(lm.cfg.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
+    out = []
+    for p in items:
+        cache = KVCache.for_model(lm.cfg, 1, p.context.shape[1] + p.question.shape[1] + max_new_tokens,
+                                  model.language_model.dtype)
+        _, cache = prefill_and_compress(lm, cache, p.context, [p.context_len], p.embeds, method=method.method,
+                                        image_len=[p.context_len])
+        kv_bytes = int(cache.used_bytes()[0])
+        logits, cache = prefill(lm, cache, p.question, [p.question_len])
+        gen = generate_from(lm, cache, logits, max_new_tokens=max_new_tokens, eos_ids=eos)
+        reply = tokenizer.decode(gen.tokens[0, :gen.num_generated[0]], skip_special_tokens=True).strip()
+        out.append((reply, np.asarray(logits[0], np.float64), kv_bytes))
+    return out
+
+
+def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig(), *, progress: bool = True) -> dict:
+    """The VQA table of a VLM (the report without the model's name)."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    items = prompts(prompter, cfg)
+    bar = tqdm(desc="vqa", unit="method", disable=not progress)
+    rows, reference = [], None
+
+    def measure(method: Method) -> dict:
+        nonlocal reference
+        results = answers(model, tokenizer, items, method, cfg.max_new_tokens)
+        if reference is None:
+            reference = results
+        by_kind = defaultdict(list)
+        for p, (reply, _, _) in zip(items, results):
+            by_kind[p.asked.kind].append(p.asked.is_answered_by(reply))
+        _, kl = evaluation.compare(np.stack([r[1] for r in reference]), np.stack([r[1] for r in results]))
+        label = "full" if method.family == "none" else method.label
+        row = {"method": label, "kv_bytes": float(np.mean([r[2] for r in results])),
+               "vqa_acc": float(np.mean([hit for hits in by_kind.values() for hit in hits])),
+               "vqa_acc_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+               "agreement": float(np.mean([a[0] == b[0] for a, b in zip(results, reference)])),
+               "kl": float(np.mean(kl))}
+        row["kv_bytes_ratio"] = row["kv_bytes"] / (rows[0]["kv_bytes"] if rows else row["kv_bytes"])
+        rows.append(row)
+        bar.update()
+        bar.set_postfix_str(f"{label}: acc {row['vqa_acc']:.2f}")
+        return row
+
+    measure(Method("none", "none", 0.0))
+    ccm = ccm_methods(compressors)
+    matched = [round(1 - measure(m)["kv_bytes_ratio"], 3) for m in ccm]
+    later = press_methods(sorted(set(matched) | {0.5}))
+    later += [Method("int8", "int8", 0.0, Int8KV())] + [with_int8(m) for m in ccm[-1:]]
+    later += [with_int8(m) for m in press_methods([0.5]) if m.label.partition(":")[0] in INT8_PRESSES]
+    bar.total = 1 + len(ccm) + len(later)
+    for method in later:
+        measure(method)
+    bar.close()
+    return {"suite": "vqa", "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start,
+            "protocol": "prompt through the image prefilled and compressed (CCM: image MLPs on the image span), then "
+                        "the question (kvpress's pipeline); greedy answers; kv_bytes_ratio measured from the cache "
+                        "after the image", "rows": rows}
+
+
+def plot(report: dict, path) -> None:
+    evaluation.plot(report["rows"], path, x="kv_bytes_ratio", x_label="KV bytes / full cache", panels=PANELS,
+                    baseline="full")
