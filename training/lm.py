@@ -257,12 +257,21 @@ def _loss(params, graphdef, batch):
     return token_loss(graphdef, params, batch["tokens"], batch["weights"])
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4), donate_argnums=(0, 2))
-def train_step(params, graphdef, opt_state, batch, tx):
-    (loss, nll), grads = jax.value_and_grad(_loss, has_aux=True)(params, graphdef, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "nll": nll,
-                                                             "grad_norm": optax.tree.norm(grads)}
+def make_train_step(loss_fn):
+    """The jitted Optax step of a loss_fn(params, graphdef, batch) -> (loss, nll): (params, graphdef,
+    opt_state, batch, tx) -> (params, opt_state, metrics); params and opt_state are donated."""
+
+    @functools.partial(jax.jit, static_argnums=(1, 4), donate_argnums=(0, 2))
+    def train_step(params, graphdef, opt_state, batch, tx):
+        (loss, nll), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "nll": nll,
+                                                                 "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+train_step = make_train_step(_loss)
 
 
 eval_loss = jax.jit(_loss, static_argnums=(1,))

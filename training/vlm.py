@@ -11,7 +11,6 @@ the weights. Batches depend only on (seed, step), so a resumed run sees the batc
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 
@@ -206,12 +205,7 @@ def _loss(params, graphdef, batch):
     return lm.token_loss(lm_graphdef, lm_params, batch["tokens"], batch["weights"], embeds)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4), donate_argnums=(0, 2))
-def train_step(params, graphdef, opt_state, batch, tx):
-    (loss, nll), grads = jax.value_and_grad(_loss, has_aux=True)(params, graphdef, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "nll": nll,
-                                                             "grad_norm": optax.tree.norm(grads)}
+train_step = lm.make_train_step(_loss)
 
 
 def answer(model, prompter, tokenizer, question: str, pixels, max_new_tokens: int = 8) -> str:

@@ -128,6 +128,14 @@ def seed_004_methods() -> list[Method]:
     return [Method(name, "press", None, presses.get_press(name, **fields)) for name, fields in SEED_004]
 
 
+def compared_methods(ccm: list[Method], matched: list[float]) -> list[Method]:
+    """What both suites set against CCM: every ratio press at each CCM row's measured ratio and at
+    50 %, int8 alone, after the strongest CCM and after INT8_PRESSES at 50 %."""
+    out = press_methods(sorted(set(matched) | {0.5}))
+    out += [Method("int8", "int8", 0.0, Int8KV())] + [with_int8(m) for m in ccm[-1:]]
+    return out + [with_int8(m) for m in press_methods([0.5]) if m.label.partition(":")[0] in INT8_PRESSES]
+
+
 def run(model, tokenizer, text: str, compressors=(), cfg: FidelityConfig = FidelityConfig(), *,
         progress: bool = True) -> dict:
     """The fidelity table of `model` on held-out `text` (the report without the model's name)."""
@@ -163,10 +171,7 @@ def run(model, tokenizer, text: str, compressors=(), cfg: FidelityConfig = Fidel
     measure(Method("none", "none", 0.0))
     ccm = ccm_methods(compressors)
     matched = [round(1 - measure(m)["kv_bytes_ratio"], 3) for m in ccm]
-    later = press_methods(sorted(set(matched) | {0.5}))
-    later += [Method("int8", "int8", 0.0, Int8KV())] + [with_int8(m) for m in ccm[-1:]]
-    later += [with_int8(m) for m in press_methods([0.5]) if m.label.partition(":")[0] in INT8_PRESSES]
-    later += seed_004_methods()
+    later = compared_methods(ccm, matched) + seed_004_methods()
     bar.total = 1 + len(ccm) + len(later)
     for method in later:
         measure(method)

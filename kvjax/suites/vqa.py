@@ -27,11 +27,11 @@ import numpy as np
 
 from kvjax import evaluation, scenes
 from kvjax.cache import KVCache
-from kvjax.compression import Int8KV, prefill_and_compress
+from kvjax.compression import prefill_and_compress
 from kvjax.evaluation import Method
 from kvjax.prompts import bucket
 from kvjax.steps import generate_from, prefill, split
-from kvjax.suites.fidelity import INT8_PRESSES, ccm_methods, press_methods, with_int8
+from kvjax.suites.fidelity import ccm_methods, compared_methods
 
 PANELS = (("vqa_acc", "VQA accuracy"), ("agreement", "replies equal to the full cache's"))
 
@@ -127,9 +127,7 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
     measure(Method("none", "none", 0.0))
     ccm = ccm_methods(compressors)
     matched = [round(1 - measure(m)["kv_bytes_ratio"], 3) for m in ccm]
-    later = press_methods(sorted(set(matched) | {0.5}))
-    later += [Method("int8", "int8", 0.0, Int8KV())] + [with_int8(m) for m in ccm[-1:]]
-    later += [with_int8(m) for m in press_methods([0.5]) if m.label.partition(":")[0] in INT8_PRESSES]
+    later = compared_methods(ccm, matched)
     bar.total = 1 + len(ccm) + len(later)
     for method in later:
         measure(method)
