@@ -155,6 +155,21 @@ def listing(s: Scene) -> str:
     return ", ".join(x.name for x in sorted(s.shapes, key=lambda x: (x.row, x.col)))
 
 
+def cell_classes() -> int:
+    """How many classes `patch_cells` uses: none, then every (colour, kind) pair."""
+    return 1 + len(COLOURS) * len(SHAPES)
+
+
+def patch_cells(s: Scene, side: int) -> np.ndarray:
+    """int32 [side * side]: for each patch of a side x side patch grid (row-major), what its grid cell
+    holds: 0 for nothing, else 1 + colour index * len(SHAPES) + kind index (a shape stays inside its cell)."""
+    grid = np.zeros((GRID, GRID), np.int32)
+    for x in s.shapes:
+        grid[x.row, x.col] = 1 + list(COLOURS).index(x.colour) * len(SHAPES) + SHAPES.index(x.kind)
+    cell = np.arange(side) * GRID // side
+    return grid[cell[:, None], cell[None, :]].reshape(-1)
+
+
 def task(split: str, index: int) -> tuple[Scene, list[Question]]:
     """The index-th scene of a split and its questions."""
     if split not in SPLIT_SEEDS:

@@ -14,7 +14,6 @@ after any interruption and it resumes, bitwise, from the latest), export. Progre
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import pathlib
@@ -28,7 +27,7 @@ except ImportError:  # a source checkout
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from kvjax.errors import KVJaxError
-from training import lm
+from training import lm, loop
 
 # Held-out books (whole books, so no verse of them is trained on).
 SPLITS = {"validation": ("Ruth", "Jonah", "Titus", "James"), "test": ("Esther", "Mark", "Philippians", "1 Peter")}
@@ -87,14 +86,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work-dir", default="~/.cache/kvjax/default-lm", help="corpus, tokenizer, checkpoints, metrics")
     p.add_argument("--out", help="export the trained model here (HF directory)")
-    for field in dataclasses.fields(lm.LMConfig):
-        p.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--stop-after", type=int, help="stop after this many steps of this run (tests, time slices)")
-    p.add_argument("--export-latest", action="store_true",
-                   help="export WORK's latest checkpoint to --out now (a run stopped before --steps); no training")
-    p.add_argument("--quiet", action="store_true")
+    loop.add_run_flags(p, lm.LMConfig, save_every=200, eval_every=500)
     return p.parse_args(argv)
 
 
@@ -103,15 +95,11 @@ def main(argv=None, *, bible_text: str | None = None) -> int:
     try:
         from training.lm_run import latest_model, train
 
-        cfg = lm.LMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(lm.LMConfig)})
         work = pathlib.Path(args.work_dir).expanduser()
+        cfg = loop.config_from_flags(args, lm.LMConfig, work)
         texts = corpus(work, bible_text)
         extra = {}
         if args.export_latest:
-            if not args.out:
-                raise KVJaxError("--export-latest writes to --out DIR: pass it")
-            if (work / "run.json").is_file():  # the run's own settings, whatever the flags say
-                cfg = lm.LMConfig(**json.loads((work / "run.json").read_text()))
             model, step = latest_model(work, cfg, tokenizer(work, texts, cfg))
             extra = {"steps_done": step}
         else:

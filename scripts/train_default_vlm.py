@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 
@@ -23,35 +22,24 @@ except ImportError:  # a source checkout
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from kvjax.errors import KVJaxError
-from training import vlm
+from training import loop, vlm
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work-dir", default="~/.cache/kvjax/default-vlm", help="model template, checkpoints, metrics")
     p.add_argument("--out", help="export the trained model here (HF LLaVA directory)")
-    for field in dataclasses.fields(vlm.VLMConfig):
-        p.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--stop-after", type=int, help="stop after this many steps of this run (tests, time slices)")
-    p.add_argument("--export-latest", action="store_true",
-                   help="export WORK's latest checkpoint to --out now (a run stopped before --steps); no training")
-    p.add_argument("--quiet", action="store_true")
+    loop.add_run_flags(p, vlm.VLMConfig, save_every=100, eval_every=200)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = vlm.VLMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(vlm.VLMConfig)})
         work = pathlib.Path(args.work_dir).expanduser()
+        cfg = loop.config_from_flags(args, vlm.VLMConfig, work)
         extra = {}
         if args.export_latest:
-            if not args.out:
-                raise KVJaxError("--export-latest writes to --out DIR: pass it")
-            if (work / "run.json").is_file():  # the run's own settings, whatever the flags say
-                cfg = vlm.VLMConfig(**json.loads((work / "run.json").read_text()))
             model, step = vlm.latest_model(work, cfg)
             extra = {"steps_done": step}
         else:

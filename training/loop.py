@@ -8,6 +8,8 @@ Determinism is the caller's part: a step's batch must depend only on (seed, step
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import pathlib
 import time
@@ -17,6 +19,30 @@ import jax
 
 from kvjax.errors import KVJaxError
 from training.checkpoints import trim_metrics
+
+
+def add_run_flags(parser: argparse.ArgumentParser, config_cls, *, save_every: int, eval_every: int) -> None:
+    """A trainer script's flags: one per config field, then checkpoint / validation cadence,
+    --stop-after, --export-latest and --quiet."""
+    for field in dataclasses.fields(config_cls):
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+    parser.add_argument("--save-every", type=int, default=save_every)
+    parser.add_argument("--eval-every", type=int, default=eval_every)
+    parser.add_argument("--stop-after", type=int, help="stop after this many steps of this run (tests, time slices)")
+    parser.add_argument("--export-latest", action="store_true",
+                        help="export WORK's latest checkpoint to --out now (a run stopped before --steps); no training")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def config_from_flags(args: argparse.Namespace, config_cls, work: pathlib.Path):
+    """The run's config: from the flags, or with --export-latest from WORK/run.json (the run's own
+    settings, whatever the flags say)."""
+    if args.export_latest:
+        if not args.out:
+            raise KVJaxError("--export-latest writes to --out DIR: pass it")
+        if (work / "run.json").is_file():
+            return config_cls(**json.loads((work / "run.json").read_text()))
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
 
 
 def check_settings(work: pathlib.Path, settings: dict) -> None:

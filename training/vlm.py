@@ -11,6 +11,7 @@ the weights. Batches depend only on (seed, step), so a resumed run sees the batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -22,6 +23,7 @@ from flax import nnx
 
 from kvjax import scenes
 from kvjax.errors import KVJaxError
+from kvjax.models.llava import scatter_features
 from training import lm
 
 IMAGE_TOKEN = "<image>"
@@ -50,6 +52,7 @@ class VLMConfig:
     lr: float = 1e-3  # vision tower and projector
     lm_lr_scale: float = 0.3  # the pretrained LM learns at lr x this
     warmup_steps: int = 100
+    cell_loss: float = 1.0  # weight of the training-only per-patch loss (cell_head); 0 turns it off
     init_from: str = ""  # another run's work dir or an exported model: start from its weights (fresh optimizer)
     seed: int = 0
 
@@ -162,14 +165,17 @@ class Batches:
         return ids, spans, pixels
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        """tokens int32 [B, T + 1], weights float32 [B, T], image_mask bool [B, T], pixels [B, 3, S, S]."""
+        """tokens int32 [B, T + 1], weights float32 [B, T], image_mask bool [B, T], pixels [B, 3, S, S],
+        cells int32 [B, P] (scenes.patch_cells of each row's scene, P image tokens)."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         rng = np.random.default_rng((cfg.seed, step))
         tokens = np.full((cfg.batch_size, cfg.seq_len + 1), pad, np.int32)
         weights = np.zeros((cfg.batch_size, cfg.seq_len), np.float32)
-        pixels = []
+        pixels, cells, side = [], [], cfg.image_size // cfg.patch_size
         for b in range(cfg.batch_size):
-            ids, spans, image = self.row(int(rng.integers(10_000_000)), rng)
+            index = int(rng.integers(10_000_000))
+            ids, spans, image = self.row(index, rng)
+            cells.append(scenes.patch_cells(scenes.task("train", index)[0], side))
             spans = [(a, e) for a, e in spans if e <= cfg.seq_len + 1]
             if not spans:
                 raise KVJaxError(f"--seq-len {cfg.seq_len} is too short for one image and one question "
@@ -181,7 +187,7 @@ class Batches:
             pixels.append(image)
         image_mask = self.prompter.image_mask(tokens[:, :-1].reshape(-1)).reshape(cfg.batch_size, cfg.seq_len)
         return {"tokens": tokens, "weights": weights, "image_mask": image_mask,
-                "pixels": np.stack(pixels).astype(np.float32)}
+                "pixels": np.stack(pixels).astype(np.float32), "cells": np.stack(cells)}
 
 
 def optimizer(cfg: VLMConfig, params) -> optax.GradientTransformation:
@@ -192,20 +198,44 @@ def optimizer(cfg: VLMConfig, params) -> optax.GradientTransformation:
                                                       max(cfg.steps, cfg.warmup_steps + 1), peak * 0.1)
         return optax.adamw(schedule, weight_decay=0.05)
 
-    labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "lm" if str(getattr(path[0], "key", path[0])) == "language_model" else "new", params)
+    def label(path, _):
+        keys = [str(getattr(p, "key", p)) for p in path]
+        return "lm" if keys[:2] == ["model", "language_model"] else "new"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
     return optax.chain(optax.clip_by_global_norm(1.0),
                        optax.multi_transform({"lm": adamw(cfg.lr * cfg.lm_lr_scale), "new": adamw(cfg.lr)}, labels))
 
 
-def _loss(params, graphdef, batch):
-    model = nnx.merge(graphdef, params)
-    embeds = model.embed_multimodal(batch["tokens"][:, :-1], batch["image_mask"], batch["pixels"])
+def train_params(model, seed: int = 0) -> dict:
+    """What training updates: {"model": the VLM's parameters, "cell_head": a linear probe on the
+    projected image tokens that names each patch's grid cell content (scenes.patch_cells)}.
+
+    The probe is training-only (never exported): it gives the vision tower a dense signal per patch
+    (what is where), where the answers alone give a few tokens per scene."""
+    hidden, classes = model.cfg.text.hidden_size, scenes.cell_classes()
+    kernel = jax.random.normal(jax.random.key(seed), (hidden, classes), jnp.float32) / np.sqrt(hidden)
+    return {"model": nnx.state(model, nnx.Param), "cell_head": {"kernel": kernel, "bias": jnp.zeros(classes)}}
+
+
+def _loss(params, graphdef, batch, cell_loss: float):
+    model = nnx.merge(graphdef, params["model"])
+    inputs = batch["tokens"][:, :-1]
+    features = model.image_features(batch["pixels"])  # [B, P, H]: one image per row
+    embeds = scatter_features(model.language_model.embed(inputs), features.reshape(-1, features.shape[-1]),
+                              batch["image_mask"])
     lm_graphdef, lm_params = nnx.split(model.language_model)
-    return lm.token_loss(lm_graphdef, lm_params, batch["tokens"], batch["weights"], embeds)
+    loss, nll = lm.token_loss(lm_graphdef, lm_params, batch["tokens"], batch["weights"], embeds)
+    if cell_loss:
+        head = params["cell_head"]
+        logits = features @ head["kernel"] + head["bias"]
+        loss = loss + cell_loss * optax.softmax_cross_entropy_with_integer_labels(logits, batch["cells"]).mean()
+    return loss, nll
 
 
-train_step = lm.make_train_step(_loss)
+def make_train_step(cfg: VLMConfig):
+    """The jitted step over train_params (lm.make_train_step with this config's cell loss)."""
+    return lm.make_train_step(functools.partial(_loss, cell_loss=cfg.cell_loss))
 
 
 def answer(model, prompter, tokenizer, question: str, pixels, max_new_tokens: int = 8) -> str:
@@ -274,24 +304,25 @@ def train(work: pathlib.Path, cfg: VLMConfig, *, save_every: int, eval_every: in
     template = write_template(cfg, work / "model")
     model, vlm_cfg, tokenizer = new_model(cfg, template)
     batches = Batches(prompter_for(model, tokenizer, vlm_cfg, template), tokenizer, cfg)
-    graphdef, params = nnx.split(model)
-    tx = optimizer(cfg, params)
+    graphdef = nnx.graphdef(model)
+    params = train_params(model, cfg.seed)
+    tx, train_step = optimizer(cfg, params), make_train_step(cfg)
 
     def step_fn(state, step):
         params, opt_state, out = train_step(state["params"], graphdef, state["opt_state"], batches(step), tx)
         return {"params": params, "opt_state": opt_state}, out
 
     def validate(state):
-        return accuracy(nnx.merge(graphdef, state["params"]), vlm_cfg, tokenizer, template)
+        return accuracy(nnx.merge(graphdef, state["params"]["model"]), vlm_cfg, tokenizer, template)
 
     def init(state):
-        return {"params": initial_params(pathlib.Path(cfg.init_from).expanduser(), state), "opt_state":
-                state["opt_state"]}
+        weights = initial_params(pathlib.Path(cfg.init_from).expanduser(), state)
+        return {"params": {**state["params"], "model": weights}, "opt_state": state["opt_state"]}
 
     state = loop.run_steps(work, dataclasses.asdict(cfg), {"params": params, "opt_state": tx.init(params)}, step_fn,
                            steps=cfg.steps, save_every=save_every, eval_every=eval_every, validate=validate,
                            init=init if cfg.init_from else None, stop_after=stop_after, quiet=quiet)
-    return None if state is None else nnx.merge(graphdef, state["params"])
+    return None if state is None else nnx.merge(graphdef, state["params"]["model"])
 
 
 def initial_params(source: pathlib.Path, template: dict):
@@ -303,9 +334,10 @@ def initial_params(source: pathlib.Path, template: dict):
         model, _, _ = kvjax.load(source, "float32", tokenizer=False)
         params = nnx.state(model, nnx.Param)
     else:
-        params = loop.latest_state(source, template)[0]["params"]
-    if jax.tree.structure(params) != jax.tree.structure(template["params"]) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(template["params"]))):
+        params = loop.latest_state(source, template)[0]["params"]["model"]
+    want = template["params"]["model"]
+    if jax.tree.structure(params) != jax.tree.structure(want) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
         raise KVJaxError(f"--init-from {source}: that model's shape differs from this run's flags")
     return params
 
@@ -315,6 +347,6 @@ def latest_model(work: pathlib.Path, cfg: VLMConfig):
     from training import loop
 
     model, _, _ = new_model(cfg, write_template(cfg, work / "model"))
-    graphdef, params = nnx.split(model)
+    params = train_params(model, cfg.seed)
     state, step = loop.latest_state(work, {"params": params, "opt_state": optimizer(cfg, params).init(params)})
-    return nnx.merge(graphdef, state["params"]), step
+    return nnx.merge(nnx.graphdef(model), state["params"]["model"]), step

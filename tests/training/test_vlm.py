@@ -39,6 +39,25 @@ def test_rendered_shapes_have_their_colour_at_their_centre():
             assert tuple(image[int((row + 0.5) * cell), int((col + 0.5) * cell)]) == scene.background
 
 
+def test_patch_cells_name_what_each_patch_shows():
+    colours = list(scenes.COLOURS)
+    for index in range(10):
+        scene, _ = scenes.task("train", index)
+        image, cells = np.asarray(scene.render(112)), scenes.patch_cells(scene, 8).reshape(8, 8)
+        for r in range(8):
+            for c in range(8):
+                pixels = image[14 * r:14 * r + 14, 14 * c:14 * c + 14].reshape(-1, 3)
+                drawn = {tuple(p) for p in pixels} - {scene.background}
+                if cells[r, c] == 0:
+                    assert not drawn, (index, r, c)
+                else:  # anti-aliasing aside, a labelled patch shows only its shape's colour
+                    assert drawn <= {scenes.COLOURS[colours[(cells[r, c] - 1) // len(scenes.SHAPES)]]}, (index, r, c)
+        for s in scene.shapes:  # each shape's label sits on the 2 x 2 patches of its cell
+            want = 1 + colours.index(s.colour) * len(scenes.SHAPES) + scenes.SHAPES.index(s.kind)
+            assert (cells[2 * s.row:2 * s.row + 2, 2 * s.col:2 * s.col + 2] == want).all()
+        assert (cells > 0).sum() == 4 * len(scene.shapes)
+
+
 def test_answers_follow_from_the_scene():
     kinds_seen = set()
     for index in range(200):
@@ -108,6 +127,7 @@ def test_batches_are_deterministic_and_score_only_the_answers(setup):
         asked = [questions[i] for i in rng.permutation(len(questions))[:cfg.questions]]
         if rng.random() < cfg.list_share:
             asked.insert(int(rng.integers(len(asked) + 1)), scenes.Question("list", "", scenes.listing(scene)))
+        np.testing.assert_array_equal(one["cells"][row], scenes.patch_cells(scene, 2))
         scored = one["tokens"][row, 1:][one["weights"][row] > 0]
         want = "".join(f" {q.answer}{tokenizer.eos_token}" for q in asked)
         assert tokenizer.decode(scored) == want
@@ -117,11 +137,20 @@ def test_export_loads_with_the_trained_weights(setup):
     cfg, template, model, vlm_cfg, tokenizer, root = setup
     prompter = prompter_for(model, tokenizer, vlm_cfg, template)
     batch = {k: jnp.asarray(v) for k, v in vlm.Batches(prompter, tokenizer, cfg)(0).items()}
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.graphdef(model), vlm.train_params(model)
     tx = vlm.optimizer(cfg, params)
-    params, _, out = vlm.train_step(params, graphdef, tx.init(params), batch, tx)
+    # the cell loss adds the probe's cross-entropy over the image tokens, computed here in numpy
+    answers, _ = vlm._loss(params, graphdef, batch, 0.0)
+    both, _ = vlm._loss(params, graphdef, batch, 2.0)
+    features = np.asarray(model.image_features(batch["pixels"]))
+    logits = features @ np.asarray(params["cell_head"]["kernel"]) + np.asarray(params["cell_head"]["bias"])
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, np.asarray(batch["cells"])[..., None], -1).mean()
+    np.testing.assert_allclose(float(both) - float(answers), 2.0 * ce, rtol=1e-4)
+    params, _, out = vlm.make_train_step(cfg)(params, graphdef, tx.init(params), batch, tx)
     assert np.isfinite(float(out["loss"]))
-    trained = nnx.merge(graphdef, params)
+    trained = nnx.merge(graphdef, params["model"])
     out_dir = vlm.export(trained, template, root / "export", {"config": dataclasses.asdict(cfg)})
     loaded, loaded_tok, loaded_cfg = kvjax.load(out_dir, dtype="float32")
     assert loaded_cfg.num_image_tokens == vlm_cfg.num_image_tokens
