@@ -136,8 +136,9 @@ def compare(full_logits: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np
 
 
 def perplexity(model, token_ids, method: Method, *, context_len: int, continuation_len: int,
-               num_windows: int = 1) -> dict:
-    """PPL / next-token accuracy of the text's continuations after a compressed context, with timings."""
+               num_windows: int = 1, capacity: int = 0) -> dict:
+    """PPL / next-token accuracy of the text's continuations after a compressed context, with timings.
+    `capacity`: cache slots if more than the window needs (one cache shape, one compile, across calls)."""
     parts = split(model)
     window = context_len + continuation_len
     if len(token_ids) < window:
@@ -147,7 +148,7 @@ def perplexity(model, token_ids, method: Method, *, context_len: int, continuati
     nll, correct, ttft, tpot, kv_bytes = [], [], [], [], []
     for start in starts:
         ids = np.asarray(token_ids[start:start + window], np.int32)
-        cache = KVCache.for_model(parts.cfg, 1, window, model.dtype)
+        cache = KVCache.for_model(parts.cfg, 1, max(window, capacity), model.dtype)
         (logits, cache), seconds = _timed(_prefill_with, parts, cache, ids[None, :context_len],
                                           np.array([context_len], np.int32), method)
         ttft.append(seconds)
@@ -161,12 +162,14 @@ def perplexity(model, token_ids, method: Method, *, context_len: int, continuati
             "kv_bytes": int(np.mean(kv_bytes)), "num_scored": len(nll)}
 
 
-def agreement(model, prompts, method: Method, *, gen_len: int, reference: list | None = None) -> tuple[dict, list]:
+def agreement(model, prompts, method: Method, *, gen_len: int, reference: list | None = None,
+              capacity: int = 0) -> tuple[dict, list]:
     """Top-1 agreement and KL(full || compressed) over `gen_len` greedy tokens per prompt (token id
-    lists). `reference` (from a previous call's second return value) skips the full-cache runs."""
+    lists). `reference` (from a previous call's second return value) skips the full-cache runs;
+    `capacity` as in `perplexity`."""
     parts = split(model)
     width = max(len(p) for p in prompts)
-    max_len = width + gen_len
+    max_len = max(width + gen_len, capacity)
     if reference is None:
         reference = []
         for prompt in prompts:

@@ -146,7 +146,7 @@ class Batches:
         self.prompter, self.tokenizer, self.cfg = prompter, tokenizer, cfg
 
     def row(self, index: int, rng: np.random.Generator, split: str = "train"):
-        """(ids, [start, end) answer spans, pixels) of scene `index` of a split."""
+        """(ids, [start, end) answer spans, pixels, scene) of scene `index` of a split."""
         scene, questions = scenes.task(split, index)
         asked = [questions[i] for i in rng.permutation(len(questions))[:self.cfg.questions]]
         if rng.random() < self.cfg.list_share:  # the whole scene in words: what and where at once
@@ -162,7 +162,7 @@ class Batches:
             answer.append(self.tokenizer.eos_token_id)
             spans.append((len(ids), len(ids) + len(answer)))
             ids += answer
-        return ids, spans, pixels
+        return ids, spans, pixels, scene
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         """tokens int32 [B, T + 1], weights float32 [B, T], image_mask bool [B, T], pixels [B, 3, S, S],
@@ -174,8 +174,8 @@ class Batches:
         pixels, cells, side = [], [], cfg.image_size // cfg.patch_size
         for b in range(cfg.batch_size):
             index = int(rng.integers(10_000_000))
-            ids, spans, image = self.row(index, rng)
-            cells.append(scenes.patch_cells(scenes.task("train", index)[0], side))
+            ids, spans, image, scene = self.row(index, rng)
+            cells.append(scenes.patch_cells(scene, side))
             spans = [(a, e) for a, e in spans if e <= cfg.seq_len + 1]
             if not spans:
                 raise KVJaxError(f"--seq-len {cfg.seq_len} is too short for one image and one question "

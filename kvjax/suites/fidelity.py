@@ -29,17 +29,16 @@ import numpy as np
 
 from kvjax import evaluation, retrieval
 from kvjax.cache import KVCache
-from kvjax.compression import Int8KV, prefill_and_compress, presses
+from kvjax.compression import prefill_and_compress, presses
 from kvjax.evaluation import Method
 from kvjax.prompts import bucket, encode_chat
 from kvjax.session import tail_len
 from kvjax.steps import generate_from, prefill, split
+from kvjax.suites.sweep import sweep
 
 # Seed 004's methods, sized by their own fields rather than a ratio.
 SEED_004 = (("l2_compress", {"keep_ratio": 0.8, "prune_after": 0, "skip_layers": (0, 1)}),
             ("streaming_llm", {"start_size": 4, "recent_size": 508}))
-NOT_SWEPT = ("l2_compress", "streaming_llm", "fix_size_l2")  # fixed-size methods, not at a ratio
-INT8_PRESSES = ("knorm", "snapkv")  # press+int8 rows, at 50 %
 PANELS = (("retrieval_acc", "retrieval accuracy"), ("ppl", "held-out perplexity"),
           ("agreement", "top-1 agreement with the full cache"))
 
@@ -57,7 +56,7 @@ class FidelityConfig:
     seed: int = 0
 
 
-QUICK = FidelityConfig(context_len=512, num_windows=1, num_prompts=1, gen_len=8, retrieval_lengths=(512,),
+QUICK = FidelityConfig(context_len=256, continuation_len=16, num_windows=1, num_prompts=1, gen_len=8, retrieval_lengths=(256,),
                        tasks_per_length=2)
 
 
@@ -87,95 +86,66 @@ def recall_prompts(tokenizer, sentences, cfg: FidelityConfig) -> list[RecallProm
     return out
 
 
-def recall_accuracy(model, tokenizer, prompts: list[RecallPrompt], method: Method, eos_ids) -> dict[int, float]:
-    """Greedy exact-match accuracy per target length, the context compressed before the question."""
-    parts, max_new = split(model), 16
+RECALL_MAX_NEW = 16  # generated tokens per recall answer
+
+
+def recall_widths(p: RecallPrompt) -> tuple[int, int, int]:
+    """(context width, question width, cache slots) of a recall prompt, padded to buckets."""
+    width, q_width = bucket(len(p.context), smallest=64), bucket(len(p.question), smallest=16)
+    return width, q_width, width + q_width + RECALL_MAX_NEW
+
+
+def recall_accuracy(model, tokenizer, prompts: list[RecallPrompt], method: Method, eos_ids,
+                    capacity: int = 0) -> dict[int, float]:
+    """Greedy exact-match accuracy per target length, the context compressed before the question;
+    `capacity` as in `evaluation.perplexity`."""
+    parts = split(model)
     correct = defaultdict(list)
     for p in prompts:
-        width, q_width = bucket(len(p.context), smallest=64), bucket(len(p.question), smallest=16)
-        cache = KVCache.for_model(parts.cfg, 1, width + q_width + max_new, model.dtype)
+        width, q_width, slots = recall_widths(p)
+        cache = KVCache.for_model(parts.cfg, 1, max(slots, capacity), model.dtype)
         tokens, question = np.zeros((1, width), np.int32), np.zeros((1, q_width), np.int32)
         tokens[0, :len(p.context)], question[0, :len(p.question)] = p.context, p.question
         _, cache = prefill_and_compress(parts, cache, tokens, [len(p.context)], method=method.method)
         logits, cache = prefill(parts, cache, question, [len(p.question)])
-        out = generate_from(parts, cache, logits, max_new_tokens=max_new, eos_ids=eos_ids)
+        out = generate_from(parts, cache, logits, max_new_tokens=RECALL_MAX_NEW, eos_ids=eos_ids)
         text = tokenizer.decode(out.tokens[0, :out.num_generated[0]], skip_special_tokens=True)
         correct[p.target_len].append(p.task.is_answered_by(text))
     return {length: float(np.mean(hits)) for length, hits in correct.items()}
-
-
-def ratio_presses() -> list[str]:
-    return [name for name in presses.list_presses() if name not in NOT_SWEPT]
-
-
-def press_methods(ratios) -> list[Method]:
-    """Every ratio press at each compression ratio (fraction of the context's tokens dropped)."""
-    return [m for m in evaluation.parse_methods([f"{name}:{','.join(f'{r:.3f}' for r in ratios)}"
-                                                 for name in ratio_presses()]) if m.family != "none"]
-
-
-def ccm_methods(compressors) -> list[Method]:
-    return [Method(f"ccm:{c.cfg.compression_factor}", "ccm", 1 - 1 / c.cfg.compression_factor, c)
-            for c in sorted(compressors, key=lambda c: c.cfg.compression_factor)]
-
-
-def with_int8(method: Method) -> Method:
-    return dataclasses.replace(method, label=method.label + "+int8", method=(method.method, Int8KV()),
-                               is_quantized=True)
 
 
 def seed_004_methods() -> list[Method]:
     return [Method(name, "press", None, presses.get_press(name, **fields)) for name, fields in SEED_004]
 
 
-def compared_methods(ccm: list[Method], matched: list[float]) -> list[Method]:
-    """What both suites set against CCM: every ratio press at each CCM row's measured ratio and at
-    50 %, int8 alone, after the strongest CCM and after INT8_PRESSES at 50 %."""
-    out = press_methods(sorted(set(matched) | {0.5}))
-    out += [Method("int8", "int8", 0.0, Int8KV())] + [with_int8(m) for m in ccm[-1:]]
-    return out + [with_int8(m) for m in press_methods([0.5]) if m.label.partition(":")[0] in INT8_PRESSES]
-
-
 def run(model, tokenizer, text: str, compressors=(), cfg: FidelityConfig = FidelityConfig(), *,
         progress: bool = True) -> dict:
     """The fidelity table of `model` on held-out `text` (the report without the model's name)."""
-    from tqdm import tqdm
-
     start = time.perf_counter()
     ids = tokenizer.encode(text, add_special_tokens=False)
     stride = max(1, (len(ids) - cfg.context_len) // max(1, cfg.num_prompts))
     agreement_prompts = [ids[i * stride:i * stride + cfg.context_len] for i in range(cfg.num_prompts)]
     recall = recall_prompts(tokenizer, retrieval.sentences(text), cfg)
     eos_ids = tuple(sorted(set(model.cfg.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
-    bar = tqdm(desc="fidelity", unit="method", disable=not progress)
-    reference, rows = None, []
+    # every cache of the suite has the same slots, so each method compiles its prefill and compress once
+    capacity = max([cfg.context_len + cfg.continuation_len, cfg.context_len + cfg.gen_len]
+                   + [recall_widths(p)[2] for p in recall])
+    reference = None
 
-    def measure(method: Method) -> dict:
+    def score(method: Method) -> dict:
         nonlocal reference
         ppl = evaluation.perplexity(model, ids, method, context_len=cfg.context_len,
-                                    continuation_len=cfg.continuation_len, num_windows=cfg.num_windows)
+                                    continuation_len=cfg.continuation_len, num_windows=cfg.num_windows, capacity=capacity)
         agree, reference = evaluation.agreement(model, agreement_prompts, method, gen_len=cfg.gen_len,
-                                                reference=reference)
-        by_length = recall_accuracy(model, tokenizer, recall, method, eos_ids)
-        label = "full" if method.family == "none" else method.label
-        row = {"method": label, "kv_bytes": ppl["kv_bytes"], "ppl": ppl["ppl"], "next_token_acc": ppl["accuracy"],
-               "retrieval_acc": float(np.mean(list(by_length.values()))),
-               "retrieval_acc_by_length": {str(k): v for k, v in by_length.items()},
-               "agreement": agree["top1_agreement"], "kl": agree["kl"]}
-        row["kv_bytes_ratio"] = row["kv_bytes"] / (rows[0]["kv_bytes"] if rows else row["kv_bytes"])
-        rows.append(row)
-        bar.update()
-        bar.set_postfix_str(f"{label}: acc {row['retrieval_acc']:.2f} ppl {row['ppl']:.1f}")
-        return row
+                                                reference=reference, capacity=capacity)
+        by_length = recall_accuracy(model, tokenizer, recall, method, eos_ids, capacity)
+        return {"kv_bytes": ppl["kv_bytes"], "ppl": ppl["ppl"], "next_token_acc": ppl["accuracy"],
+                "retrieval_acc": float(np.mean(list(by_length.values()))),
+                "retrieval_acc_by_length": {str(k): v for k, v in by_length.items()},
+                "agreement": agree["top1_agreement"], "kl": agree["kl"]}
 
-    measure(Method("none", "none", 0.0))
-    ccm = ccm_methods(compressors)
-    matched = [round(1 - measure(m)["kv_bytes_ratio"], 3) for m in ccm]
-    later = compared_methods(ccm, matched) + seed_004_methods()
-    bar.total = 1 + len(ccm) + len(later)
-    for method in later:
-        measure(method)
-    bar.close()
+    rows = sweep("fidelity", score, compressors, seed_004_methods(), progress=progress,
+                 summary=lambda row: f"acc {row['retrieval_acc']:.2f} ppl {row['ppl']:.1f}")
     return {"suite": "fidelity", "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start,
             "protocol": "context prefilled and compressed, then the question (kvpress's pipeline); kv_bytes_ratio "
                         "measured from the cache after the perplexity context", "rows": rows}

@@ -31,7 +31,7 @@ from kvjax.compression import prefill_and_compress
 from kvjax.evaluation import Method
 from kvjax.prompts import bucket
 from kvjax.steps import generate_from, prefill, split
-from kvjax.suites.fidelity import ccm_methods, compared_methods
+from kvjax.suites.sweep import sweep
 
 PANELS = (("vqa_acc", "VQA accuracy"), ("agreement", "replies equal to the full cache's"))
 
@@ -96,14 +96,11 @@ def answers(model, tokenizer, items: list[VQAPrompt], method: Method, max_new_to
 
 def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig(), *, progress: bool = True) -> dict:
     """The VQA table of a VLM (the report without the model's name)."""
-    from tqdm import tqdm
-
     start = time.perf_counter()
     items = prompts(prompter, cfg)
-    bar = tqdm(desc="vqa", unit="method", disable=not progress)
-    rows, reference = [], None
+    reference = None
 
-    def measure(method: Method) -> dict:
+    def score(method: Method) -> dict:
         nonlocal reference
         results = answers(model, tokenizer, items, method, cfg.max_new_tokens)
         if reference is None:
@@ -112,26 +109,13 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
         for p, (reply, _, _) in zip(items, results):
             by_kind[p.asked.kind].append(p.asked.is_answered_by(reply))
         _, kl = evaluation.compare(np.stack([r[1] for r in reference]), np.stack([r[1] for r in results]))
-        label = "full" if method.family == "none" else method.label
-        row = {"method": label, "kv_bytes": float(np.mean([r[2] for r in results])),
-               "vqa_acc": float(np.mean([hit for hits in by_kind.values() for hit in hits])),
-               "vqa_acc_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
-               "agreement": float(np.mean([a[0] == b[0] for a, b in zip(results, reference)])),
-               "kl": float(np.mean(kl))}
-        row["kv_bytes_ratio"] = row["kv_bytes"] / (rows[0]["kv_bytes"] if rows else row["kv_bytes"])
-        rows.append(row)
-        bar.update()
-        bar.set_postfix_str(f"{label}: acc {row['vqa_acc']:.2f}")
-        return row
+        return {"kv_bytes": float(np.mean([r[2] for r in results])),
+                "vqa_acc": float(np.mean([hit for hits in by_kind.values() for hit in hits])),
+                "vqa_acc_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+                "agreement": float(np.mean([a[0] == b[0] for a, b in zip(results, reference)])),
+                "kl": float(np.mean(kl))}
 
-    measure(Method("none", "none", 0.0))
-    ccm = ccm_methods(compressors)
-    matched = [round(1 - measure(m)["kv_bytes_ratio"], 3) for m in ccm]
-    later = compared_methods(ccm, matched)
-    bar.total = 1 + len(ccm) + len(later)
-    for method in later:
-        measure(method)
-    bar.close()
+    rows = sweep("vqa", score, compressors, progress=progress, summary=lambda row: f"acc {row['vqa_acc']:.2f}")
     return {"suite": "vqa", "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start,
             "protocol": "prompt through the image prefilled and compressed (CCM: image MLPs on the image span), then "
                         "the question (kvpress's pipeline); greedy answers; kv_bytes_ratio measured from the cache "
