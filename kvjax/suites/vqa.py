@@ -12,6 +12,9 @@ the KV bytes each CCM row measured and at 50 %; int8 alone, after the strongest 
 presses. Presses with image protection are not rows: the compressed context is the image, so
 protecting it leaves nothing to compress (kv_bytes_ratio 1.0 by construction).
 
+Beside the rows, "blank_image": the full cache's accuracy when each image is replaced by its
+background alone, i.e. what the model gets from the question (and its priors) without seeing.
+
 Columns: kv_bytes_ratio (bytes the compressed cache holds / the full cache's, both measured from
 the cache after the same context), vqa_acc (and per question kind), agreement (share of replies
 identical to the full cache's), kl (KL(full || compressed) of the first answer token).
@@ -56,14 +59,18 @@ class VQAPrompt:
     asked: scenes.Question
 
 
-def prompts(prompter, cfg: VQAConfig) -> list[VQAPrompt]:
-    """One prompt per test scene, its question the scene's (index mod kinds)-th, embedded once."""
+def prompts(prompter, cfg: VQAConfig, *, blank: bool = False) -> list[VQAPrompt]:
+    """One prompt per test scene, its question the scene's (index mod kinds)-th, embedded once.
+    `blank`: the scene's background alone instead of its image (what the question alone gets)."""
+    from PIL import Image
+
     out = []
     image_size = prompter.cfg.vision.image_size
     for i in range(cfg.num_scenes):
         scene, questions = scenes.task(cfg.split, i)
         asked = questions[i % len(questions)]
-        pixels = prompter.pixels(scene.render(image_size))
+        image = Image.new("RGB", (image_size, image_size), scene.background) if blank else scene.render(image_size)
+        pixels = prompter.pixels(image)
         ids, mask = prompter.encode([{"role": "user", "content": asked.text}], pixels)
         image_len = int(np.flatnonzero(mask)[-1]) + 1
         width, q_width = bucket(image_len, smallest=64), bucket(len(ids) - image_len, smallest=16)
@@ -94,6 +101,15 @@ def answers(model, tokenizer, items: list[VQAPrompt], method: Method, max_new_to
     return out
 
 
+def accuracy(items: list[VQAPrompt], results) -> dict:
+    """{"vqa_acc", "vqa_acc_by_kind"} of the replies in `results` (from `answers`)."""
+    by_kind = defaultdict(list)
+    for p, (reply, _, _) in zip(items, results):
+        by_kind[p.asked.kind].append(p.asked.is_answered_by(reply))
+    return {"vqa_acc": float(np.mean([hit for hits in by_kind.values() for hit in hits])),
+            "vqa_acc_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
+
+
 def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig(), *, progress: bool = True) -> dict:
     """The VQA table of a VLM (the report without the model's name)."""
     start = time.perf_counter()
@@ -105,21 +121,19 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
         results = answers(model, tokenizer, items, method, cfg.max_new_tokens)
         if reference is None:
             reference = results
-        by_kind = defaultdict(list)
-        for p, (reply, _, _) in zip(items, results):
-            by_kind[p.asked.kind].append(p.asked.is_answered_by(reply))
         _, kl = evaluation.compare(np.stack([r[1] for r in reference]), np.stack([r[1] for r in results]))
-        return {"kv_bytes": float(np.mean([r[2] for r in results])),
-                "vqa_acc": float(np.mean([hit for hits in by_kind.values() for hit in hits])),
-                "vqa_acc_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        return {"kv_bytes": float(np.mean([r[2] for r in results])), **accuracy(items, results),
                 "agreement": float(np.mean([a[0] == b[0] for a, b in zip(results, reference)])),
                 "kl": float(np.mean(kl))}
 
     rows = sweep("vqa", score, compressors, progress=progress, summary=lambda row: f"acc {row['vqa_acc']:.2f}")
+    # the floor: how often the full cache answers right from the question alone, the image blank
+    blank = prompts(prompter, cfg, blank=True)
+    blank_image = accuracy(blank, answers(model, tokenizer, blank, Method("none", "none", 0.0), cfg.max_new_tokens))
     return {"suite": "vqa", "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start,
             "protocol": "prompt through the image prefilled and compressed (CCM: image MLPs on the image span), then "
                         "the question (kvpress's pipeline); greedy answers; kv_bytes_ratio measured from the cache "
-                        "after the image", "rows": rows}
+                        "after the image", "blank_image": blank_image, "rows": rows}
 
 
 def plot(report: dict, path) -> None:

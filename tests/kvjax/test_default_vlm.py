@@ -57,6 +57,8 @@ def test_vqa_suite_quick(tmp_path, capsys):
         assert 0.0 <= row["vqa_acc"] <= 1.0
     full = report["rows"][0]
     assert full["method"] == "full" and full["kv_bytes_ratio"] == 1.0 and full["agreement"] == 1.0
+    blank = report["blank_image"]  # the floor: answers with each image replaced by its background
+    assert 0.0 <= blank["vqa_acc"] <= 1.0 and set(blank["vqa_acc_by_kind"]) == set(full["vqa_acc_by_kind"])
     assert abs(full["kl"]) < 1e-9
     for cf in shipped_factors(MODEL):
         ratio = rows[f"ccm:{cf}"]["kv_bytes_ratio"]
