@@ -41,10 +41,13 @@ class Method:
     is_quantized: bool = False  # a press or ccm followed by int8 (`+int8`)
 
 
+FULL_CACHE = Method("none", "none", 0.0)  # no compression: the reference every sweep starts from
+
+
 def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: dict | None = None) -> list[Method]:
     """['knorm:0.25,0.5', 'int8', 'ccm:5'] -> Methods. A `none` baseline is always first.
     press_options go to every press that has a field of that name."""
-    methods = [Method("none", "none", 0.0)]
+    methods = [FULL_CACHE]
     for spec in specs:
         base, plus, suffix = spec.partition("+")
         if plus and (suffix != "int8" or base.partition(":")[0] in ("none", "int8")):

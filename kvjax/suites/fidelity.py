@@ -56,8 +56,8 @@ class FidelityConfig:
     seed: int = 0
 
 
-QUICK = FidelityConfig(context_len=256, continuation_len=16, num_windows=1, num_prompts=1, gen_len=8, retrieval_lengths=(256,),
-                       tasks_per_length=2)
+QUICK = FidelityConfig(context_len=256, continuation_len=16, num_windows=1, num_prompts=1, gen_len=8,
+                       retrieval_lengths=(256,), tasks_per_length=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,8 @@ def run(model, tokenizer, text: str, compressors=(), cfg: FidelityConfig = Fidel
     def score(method: Method) -> dict:
         nonlocal reference
         ppl = evaluation.perplexity(model, ids, method, context_len=cfg.context_len,
-                                    continuation_len=cfg.continuation_len, num_windows=cfg.num_windows, capacity=capacity)
+                                    continuation_len=cfg.continuation_len, num_windows=cfg.num_windows,
+                                    capacity=capacity)
         agree, reference = evaluation.agreement(model, agreement_prompts, method, gen_len=cfg.gen_len,
                                                 reference=reference, capacity=capacity)
         by_length = recall_accuracy(model, tokenizer, recall, method, eos_ids, capacity)

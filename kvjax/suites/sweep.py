@@ -9,7 +9,7 @@ from typing import Callable
 
 from kvjax import evaluation
 from kvjax.compression import Int8KV, presses
-from kvjax.evaluation import Method
+from kvjax.evaluation import FULL_CACHE, Method
 
 NOT_SWEPT = ("l2_compress", "streaming_llm", "fix_size_l2")  # fixed-size methods, not at a ratio
 INT8_PRESSES = ("knorm", "snapkv")  # press+int8 rows, at 50 %
@@ -61,7 +61,7 @@ def sweep(name: str, score: Callable[[Method], dict], compressors=(), extra: lis
         bar.set_postfix_str(f"{label}: {summary(row)}")
         return row
 
-    measure(Method("none", "none", 0.0))
+    measure(FULL_CACHE)
     ccm = ccm_methods(compressors)
     matched = [round(1 - measure(m)["kv_bytes_ratio"], 3) for m in ccm]
     later = compared_methods(ccm, matched) + list(extra)

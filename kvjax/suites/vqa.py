@@ -31,7 +31,7 @@ import numpy as np
 from kvjax import evaluation, scenes
 from kvjax.cache import KVCache
 from kvjax.compression import prefill_and_compress
-from kvjax.evaluation import Method
+from kvjax.evaluation import FULL_CACHE, Method
 from kvjax.prompts import bucket
 from kvjax.steps import generate_from, prefill, split
 from kvjax.suites.sweep import sweep
@@ -129,7 +129,7 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
     rows = sweep("vqa", score, compressors, progress=progress, summary=lambda row: f"acc {row['vqa_acc']:.2f}")
     # the floor: how often the full cache answers right from the question alone, the image blank
     blank = prompts(prompter, cfg, blank=True)
-    blank_image = accuracy(blank, answers(model, tokenizer, blank, Method("none", "none", 0.0), cfg.max_new_tokens))
+    blank_image = accuracy(blank, answers(model, tokenizer, blank, FULL_CACHE, cfg.max_new_tokens))
     return {"suite": "vqa", "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start,
             "protocol": "prompt through the image prefilled and compressed (CCM: image MLPs on the image span), then "
                         "the question (kvpress's pipeline); greedy answers; kv_bytes_ratio measured from the cache "

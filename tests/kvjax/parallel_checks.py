@@ -8,9 +8,9 @@ rest of the suite keeps one device:
 The last is one of two processes that join through jax.distributed (2 CPU devices each) and run
 one greedy generate at tp 4 across them.
 
-For tp 2 and 4 (and one device without a mesh, the reference; tp 1 under TP1_METHODS): logits of a prefill and of one
+For tp 2 and 4 (and one device without a mesh, the reference): logits of a prefill and of one
 decode step after it, and greedy tokens, under no compression, CCM, SnapKV, PyramidKV, int8 and
-ccm+int8; the shardings of the cache leaves; how many programs each step compiled; the paged
+ccm+int8 (tp 1, a mesh of one device: TP1_METHODS, one per cache structure); the shardings of the cache leaves; how many programs each step compiled; the paged
 engine's greedy tokens (dense and int8 pages, mixed methods in one batch). With --kernels the
 same runs with KVJAX_KERNELS=interpret, so the Pallas kernels run per shard under shard_map.
 """
