@@ -36,7 +36,8 @@ def build_parser() -> Parser:
     p.add_argument("--model-dir", help="local HF model directory (default: the demo model; with --suite, the "
                                        "shipped default model)")
     p.add_argument("--suite", choices=["fidelity", "vqa"], help="run a fixed suite instead of --methods")
-    p.add_argument("--quick", action="store_true", help="with --suite: a few examples only (CI)")
+    p.add_argument("--quick", action="store_true",
+                   help="with --suite: a few examples and two presses (knorm, snapkv) only (CI)")
     p.add_argument("--methods", nargs="+", default=["knorm:0.25,0.5", "int8"],
                    help="methods to sweep: none, int8, PRESS:R1,R2 (see kvjax.presses.list_presses()), ccm:FACTOR; "
                         "end a PRESS or ccm spec in +int8 to quantize what it kept, e.g. knorm:0.5+int8")

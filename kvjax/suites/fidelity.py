@@ -53,11 +53,13 @@ class FidelityConfig:
     retrieval_lengths: tuple[int, ...] = (512, 1024)
     tasks_per_length: int = 16
     num_records: int = 4  # records per recall task
+    presses: tuple[str, ...] = ()  # the ratio presses compared; () = every one
     seed: int = 0
 
 
+# CI's run: a few short examples, and one press per scoring family (keys' norms; the question's attention).
 QUICK = FidelityConfig(context_len=256, continuation_len=16, num_windows=1, num_prompts=1, gen_len=8,
-                       retrieval_lengths=(256,), tasks_per_length=2)
+                       retrieval_lengths=(256,), tasks_per_length=2, presses=("knorm", "snapkv"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +147,7 @@ def run(model, tokenizer, text: str, compressors=(), cfg: FidelityConfig = Fidel
                 "retrieval_acc_by_length": {str(k): v for k, v in by_length.items()},
                 "agreement": agree["top1_agreement"], "kl": agree["kl"]}
 
-    rows = sweep("fidelity", score, compressors, seed_004_methods(), progress=progress,
+    rows = sweep("fidelity", score, compressors, seed_004_methods(), press_names=cfg.presses, progress=progress,
                  summary=lambda row: f"acc {row['retrieval_acc']:.2f} ppl {row['ppl']:.1f}")
     return {"suite": "fidelity", "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start,
             "protocol": "context prefilled and compressed, then the question (kvpress's pipeline); kv_bytes_ratio "

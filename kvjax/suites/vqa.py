@@ -44,9 +44,10 @@ class VQAConfig:
     num_scenes: int = 120  # test-split scenes, one question each (the kinds in turn)
     split: str = "test"
     max_new_tokens: int = 8
+    presses: tuple[str, ...] = ()  # the ratio presses compared; () = every one
 
 
-QUICK = VQAConfig(num_scenes=6)
+QUICK = VQAConfig(num_scenes=6, presses=("knorm", "snapkv"))  # CI's run: one press per scoring family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,8 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
                 "agreement": float(np.mean([a[0] == b[0] for a, b in zip(results, reference)])),
                 "kl": float(np.mean(kl))}
 
-    rows = sweep("vqa", score, compressors, progress=progress, summary=lambda row: f"acc {row['vqa_acc']:.2f}")
+    rows = sweep("vqa", score, compressors, press_names=cfg.presses, progress=progress,
+                 summary=lambda row: f"acc {row['vqa_acc']:.2f}")
     # the floor: how often the full cache answers right from the question alone, the image blank
     blank = prompts(prompter, cfg, blank=True)
     blank_image = accuracy(blank, answers(model, tokenizer, blank, FULL_CACHE, cfg.max_new_tokens))

@@ -36,9 +36,14 @@ def model_dir(tmp_path_factory):
                             vocab_size=512)
 
 
+def _forced_devices(devices: int) -> dict[str, str]:
+    """The environment of a subprocess that sees `devices` CPU devices (keeping the suite's XLA flags)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+
+
 def _checks(model_dir, out: Path, *args, devices: int = 4, env=None) -> subprocess.Popen:
-    environ = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-               "JAX_PLATFORMS": "cpu", **(env or {})}
+    environ = {**_forced_devices(devices), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "tests.kvjax.parallel_checks", str(model_dir), str(out), *args],
                             cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -105,7 +110,7 @@ def test_server_tensor_parallel(report):
 def test_chat_cli_tensor_parallel(tmp_path):
     question = ["-m", "kvjax.chat", "--question", "The code of Ada is 4821. What is the code of Ada?", "--quiet",
                 "--max-new-tokens", "12", "--kv-compress"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = _forced_devices(2)
     answers = [subprocess.run([sys.executable, *question, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300) for extra in ([], ["--tensor-parallel", "2"])]
     for run in answers:
