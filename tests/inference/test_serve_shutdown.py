@@ -40,7 +40,7 @@ def test_ctrl_c_drains_or_aborts_in_flight_answers_and_says_so(drain_s, reason, 
                 assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.2)
         body = {"model": "demo-llama", "messages": [{"role": "user", "content": "Write without end."}],
-                "max_tokens": 400, "temperature": 0, "stream": True}
+                "max_tokens": 150, "temperature": 0, "stream": True}
         lines: list[str] = []
 
         def stream():

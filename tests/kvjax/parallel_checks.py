@@ -10,9 +10,11 @@ one greedy generate at tp 4 across them.
 
 For tp 2 and 4 (and one device without a mesh, the reference): logits of a prefill and of one
 decode step after it, and greedy tokens, under no compression, CCM, SnapKV, PyramidKV, int8 and
-ccm+int8 (tp 1, a mesh of one device: TP1_METHODS, one per cache structure); the shardings of the cache leaves; how many programs each step compiled; the paged
-engine's greedy tokens (dense and int8 pages, mixed methods in one batch). With --kernels the
-same runs with KVJAX_KERNELS=interpret, so the Pallas kernels run per shard under shard_map.
+ccm+int8 (tp 1, a mesh of one device: TP1_METHODS, one per cache structure); the shardings of the
+cache leaves; how many programs each step compiled; the paged engine's greedy tokens (dense and
+int8 pages, mixed methods in one batch); the server's and the chat command's answers on the
+shipped model at tp 2 and on one device. With --kernels the same runs with
+KVJAX_KERNELS=interpret, so the Pallas kernels run per shard under shard_map.
 """
 
 from __future__ import annotations
@@ -143,6 +145,26 @@ def serve_runs(tp: int | None) -> dict:
     return out
 
 
+def chat_runs() -> dict:
+    """`python -m kvjax.chat --kv-compress` on the shipped model (its main, in this process): the
+    answer on one device and at --tensor-parallel 2, and the exit code and error of a tp the
+    visible devices cannot hold."""
+    import contextlib
+    import io
+
+    from kvjax.cli import chat
+
+    question = ["--question", "The code of Ada is 4821. What is the code of Ada?", "--quiet", "--max-new-tokens", "12",
+                "--kv-compress"]
+    out = {}
+    for name, extra in (("None", []), ("2", ["--tensor-parallel", "2"]), ("8", ["--tensor-parallel", "8"])):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = chat.main(question + extra)
+        out[name] = {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+    return out
+
+
 def main(argv) -> int:
     model_dir, out_path, *rest = argv
     if "--process-id" in rest:
@@ -157,6 +179,7 @@ def main(argv) -> int:
         for tp in (None, 2):
             report["engine"][str(tp)] = engine_runs(model_dir, tp)
         report["serve"] = {str(tp): serve_runs(tp) for tp in (None, 2)}
+        report["chat"] = chat_runs()
         try:  # 4 KV heads do not split over 3 devices: one clear error
             kvjax.load(model_dir, "float32", tokenizer=False, tensor_parallel=3)
             report["indivisible"] = "no error"

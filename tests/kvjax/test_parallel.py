@@ -107,18 +107,11 @@ def test_server_tensor_parallel(report):
     assert got["none"] == ref["none"] and got["ccm"] == ref["ccm"] and ref["none"]
 
 
-def test_chat_cli_tensor_parallel(tmp_path):
-    question = ["-m", "kvjax.chat", "--question", "The code of Ada is 4821. What is the code of Ada?", "--quiet",
-                "--max-new-tokens", "12", "--kv-compress"]
-    env = _forced_devices(2)
-    answers = [subprocess.run([sys.executable, *question, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300) for extra in ([], ["--tensor-parallel", "2"])]
-    for run in answers:
-        assert run.returncode == 0, run.stderr[-2000:]
-    assert answers[0].stdout == answers[1].stdout and answers[0].stdout.strip()
-    bad = subprocess.run([sys.executable, *question, "--tensor-parallel", "4"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode == 2 and "needs 4 devices but 2 are visible" in bad.stderr
+def test_chat_cli_tensor_parallel(report):
+    one, tp2, too_many = (report["chat"][tp] for tp in ("None", "2", "8"))
+    assert one["code"] == tp2["code"] == 0, (one["stderr"][-2000:], tp2["stderr"][-2000:])
+    assert tp2["stdout"] == one["stdout"] and one["stdout"].strip()
+    assert too_many["code"] == 2 and "needs 8 devices but 4 are visible" in too_many["stderr"]
 
 
 def test_indivisible_kv_heads_is_one_clear_error(report):
