@@ -67,7 +67,7 @@ def _names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-def param_spec(path, value) -> P:
+def param_spec(path) -> P:
     """The PartitionSpec of one parameter, by its HF path (nnx Linear kernels are [in, out])."""
     names = [n for n in _names(path) if n != "value"]
     if not any(n in _LM_LAYERS for n in names) or any(n in _VISION for n in names) or len(names) < 2:
@@ -80,17 +80,22 @@ def param_spec(path, value) -> P:
     return P()
 
 
+def placement(model, mesh) -> Callable[[tuple], NamedSharding]:
+    """parameter path -> its NamedSharding on `mesh`, for `model` (an eval_shape'd one will do: the
+    loaders place each tensor as it is read, never whole on one device); checks the model splits."""
+    cfg = getattr(getattr(model, "cfg", None), "text", None) or model.cfg
+    check_divisible(cfg, tp_size(mesh))
+    return lambda path: NamedSharding(mesh, param_spec(path))
+
+
 def shard_model(model, mesh):
     """Place an NNX model's weights on `mesh` (in place; returns the model). tp 1 is a no-op
     placement on the mesh's single device."""
     from flax import nnx
 
-    cfg = getattr(getattr(model, "cfg", None), "text", None) or model.cfg
-    check_divisible(cfg, tp_size(mesh))
-    state = nnx.state(model)
-    placed = jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.device_put(x, NamedSharding(mesh, param_spec(path, x))), state)
-    nnx.update(model, placed)
+    where = placement(model, mesh)
+    nnx.update(model, jax.tree_util.tree_map_with_path(lambda path, x: jax.device_put(x, where(path)),
+                                                       nnx.state(model)))
     return model
 
 

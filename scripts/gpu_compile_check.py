@@ -230,7 +230,7 @@ def lower_decode_step(cfg, case: Case, devices):
 
     model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    state = jax.tree_util.tree_map_with_path(lambda path, x: arg(x.shape, x.dtype, parallel.param_spec(path, x)),
+    state = jax.tree_util.tree_map_with_path(lambda path, x: arg(x.shape, x.dtype, parallel.param_spec(path)),
                                              state)
     shape = (cfg.num_layers, case.batch, cfg.num_kv_heads, case.max_len, cfg.head_dim)
     heads = parallel.kv_spec(len(shape))

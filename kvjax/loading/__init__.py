@@ -22,7 +22,8 @@ from kvjax.models.llama import CausalLM
 
 @dataclasses.dataclass(frozen=True)
 class Loader:
-    """load(path, config, dtype, progress=) -> (module, config); tokenizer(path) -> tokenizer."""
+    """load(path, config, dtype, progress=, mesh=) -> (module, config: its weights on `mesh`, if
+    given, as they are read); tokenizer(path) -> tokenizer."""
 
     load: Callable[..., tuple[Any, Any]]
     tokenizer: Callable = load_tokenizer
@@ -56,9 +57,7 @@ def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bo
     loader = LOADERS[kind]
     if tensor_parallel is not None and mesh is None:
         mesh = parallel.make_mesh(tensor_parallel)
-    model, cfg = loader.load(path, config, resolve_dtype(dtype, config), progress=progress)
-    if mesh is not None:
-        parallel.shard_model(model, mesh)
+    model, cfg = loader.load(path, config, resolve_dtype(dtype, config), progress=progress, mesh=mesh)
     return model, (loader.tokenizer(path) if tokenizer else None), cfg
 
 

@@ -128,11 +128,17 @@ def hf_name_to_path(name: str, leaves: dict) -> tuple[tuple, bool] | None:
 
 
 def fill_module(abstract: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *, dtype,
-                rename: Callable[[str], str | None] = lambda n: n, source: str = "checkpoint") -> nnx.Module:
+                rename: Callable[[str], str | None] = lambda n: n, source: str = "checkpoint",
+                mesh=None) -> nnx.Module:
     """Fill an eval_shape'd module from (HF name, array) pairs; every parameter must be found.
 
     `rename` maps a checkpoint name to the module's HF-style name (None = not ours, skipped).
+    `mesh`: each tensor goes from the host straight to its shards (`kvjax.parallel.placement`), so
+    a model too big for one device loads tensor-parallel.
     """
+    from kvjax import parallel
+
+    where = parallel.placement(abstract, mesh) if mesh is not None else lambda path: None
     graphdef, state = nnx.split(abstract)
     leaves = dict(nnx.to_flat_state(state))
     values: dict[tuple, jax.Array] = {}
@@ -154,7 +160,7 @@ def fill_module(abstract: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]],
                                   f"expected {tuple(want)}; the checkpoint does not match its config.json")
         # Cast and transpose on the host (numpy + ml_dtypes): no per-shape compiles on the device.
         host = np.ascontiguousarray((array.T if transpose else array).astype(jnp.dtype(dtype)))
-        values[path] = jax.device_put(host)
+        values[path] = jax.device_put(host, where(path))
     missing = [p for p in leaves if p not in values]
     if missing:
         names = [".".join(map(str, p)).replace(".kernel", ".weight").replace(".embedding", ".weight")
@@ -184,13 +190,15 @@ def with_generation_eos(cfg: ModelConfig, model_dir: pathlib.Path) -> ModelConfi
     return dataclasses.replace(cfg, eos_token_ids=merged)
 
 
-def fill(path: pathlib.Path, abstract: nnx.Module, dtype, rename=lambda n: n, *, progress: bool = False):
-    """fill_module from the directory's safetensors files, with a tqdm bar if progress."""
+def fill(path: pathlib.Path, abstract: nnx.Module, dtype, rename=lambda n: n, *, progress: bool = False,
+         mesh=None):
+    """fill_module from the directory's safetensors files (placed on `mesh` if given), with a tqdm
+    bar if progress."""
     from tqdm import tqdm
 
     tensors = tqdm(iter_tensors(safetensors_files(path)), desc="loading weights", unit=" tensors",
                    disable=None if progress else True, leave=False)  # None: only on a terminal
-    return fill_module(abstract, tensors, dtype=dtype, rename=rename, source=str(path))
+    return fill_module(abstract, tensors, dtype=dtype, rename=rename, source=str(path), mesh=mesh)
 
 
 def text_config(hf, path: pathlib.Path, top: dict | None = None) -> ModelConfig:

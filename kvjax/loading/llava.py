@@ -48,7 +48,7 @@ def llava_rename(num_vision_layers: int, tie_word_embeddings: bool):
     return rename
 
 
-def load_llava(path: pathlib.Path, config: dict, dtype, *, progress: bool = False):
+def load_llava(path: pathlib.Path, config: dict, dtype, *, progress: bool = False, mesh=None):
     """-> (LlavaModel, LlavaConfig)."""
     from kvjax.models.llava import LlavaConfig, LlavaModel
 
@@ -56,4 +56,4 @@ def load_llava(path: pathlib.Path, config: dict, dtype, *, progress: bool = Fals
     cfg = LlavaConfig.from_hf_config(hf, text_config(hf.text_config, path, config))
     abstract = nnx.eval_shape(lambda: LlavaModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     rename = llava_rename(cfg.num_vision_layers, cfg.text.tie_word_embeddings)
-    return fill(path, abstract, dtype, rename, progress=progress), cfg
+    return fill(path, abstract, dtype, rename, progress=progress, mesh=mesh), cfg

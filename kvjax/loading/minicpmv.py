@@ -38,13 +38,13 @@ def _preprocessor(path: pathlib.Path) -> dict | None:
         raise CheckpointError(f"{file} is not valid JSON ({e}); restore it from the original checkpoint") from None
 
 
-def load_minicpmv(path: pathlib.Path, config: dict, dtype, *, progress: bool = False):
+def load_minicpmv(path: pathlib.Path, config: dict, dtype, *, progress: bool = False, mesh=None):
     """-> (MiniCPMV, MiniCPMVConfig). config.json is read as data; no remote code runs."""
     from kvjax.models.minicpmv import MiniCPMV, MiniCPMVConfig, minicpmv_rename
 
     cfg = MiniCPMVConfig.from_config_json(config, _qwen2_text_config(path, config), _preprocessor(path))
     abstract = nnx.eval_shape(lambda: MiniCPMV(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return fill(path, abstract, dtype, minicpmv_rename(cfg), progress=progress), cfg
+    return fill(path, abstract, dtype, minicpmv_rename(cfg), progress=progress, mesh=mesh), cfg
 
 
 def load_minicpmv_tokenizer(path: pathlib.Path):

@@ -16,7 +16,7 @@ def load_causal_lm(model_class, rename_for=None):
     """A loader for a decoder-only LM module class with HF parameter names (a LOADERS row);
     rename_for(cfg) -> rename maps a family's checkpoint names (buffers to skip, old head names)."""
 
-    def load(path: pathlib.Path, config: dict, dtype, *, progress: bool = False):
+    def load(path: pathlib.Path, config: dict, dtype, *, progress: bool = False, mesh=None):
         archs = config.get("architectures") or []
         if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise KVJaxError(f"unsupported architecture {', '.join(archs)} in {path}; kvjax's text models support "
@@ -27,6 +27,6 @@ def load_causal_lm(model_class, rename_for=None):
         head = getattr(model_class, "HEAD_NAME", "lm_head.weight")
         rename = (lambda n: None if n == head else n) if cfg.tie_word_embeddings else (lambda n: n)
         rename = rename_for(cfg) if rename_for is not None else rename
-        return fill(path, abstract, dtype, rename, progress=progress), cfg
+        return fill(path, abstract, dtype, rename, progress=progress, mesh=mesh), cfg
 
     return load

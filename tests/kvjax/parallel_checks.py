@@ -13,7 +13,8 @@ decode step after it, and greedy tokens, under no compression, CCM, SnapKV, Pyra
 ccm+int8 (tp 1, a mesh of one device: TP1_METHODS, one per cache structure); the shardings of the
 cache leaves; how many programs each step compiled; the paged engine's greedy tokens (dense and
 int8 pages, mixed methods in one batch); the server's and the chat command's answers on the
-shipped model at tp 2 and on one device. With --kernels the same runs with
+shipped model at tp 2 and on one device; how loading placed the weights (a Llama, the shipped
+LLaVA). With --kernels the same runs with
 KVJAX_KERNELS=interpret, so the Pallas kernels run per shard under shard_map.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 import kvjax
-from kvjax import parallel
+from kvjax import defaults, parallel
 from kvjax.compression import Int8KV
 
 PROMPTS = np.random.default_rng(0).integers(3, 500, (2, 40)).astype(np.int32)
@@ -165,6 +166,26 @@ def chat_runs() -> dict:
     return out
 
 
+def load_placement(model_dir, tp: int) -> dict:
+    """How `kvjax.load(tensor_parallel=tp)` put the weights on the devices: every host -> device copy
+    (`jax.device_put`) it made, and how many went straight to the mesh's shardings (the rest would
+    have landed whole on one device first)."""
+    from jax.sharding import NamedSharding
+
+    real, puts = jax.device_put, []
+
+    def spy(x, device=None, *args, **kwargs):
+        puts.append(isinstance(device, NamedSharding) and parallel.tp_size(device.mesh) == tp)
+        return real(x, device, *args, **kwargs)
+
+    jax.device_put = spy
+    try:
+        kvjax.load(model_dir, "float32", tokenizer=False, tensor_parallel=tp)
+    finally:
+        jax.device_put = real
+    return {"puts": len(puts), "on_the_mesh": sum(puts)}
+
+
 def main(argv) -> int:
     model_dir, out_path, *rest = argv
     if "--process-id" in rest:
@@ -180,6 +201,7 @@ def main(argv) -> int:
             report["engine"][str(tp)] = engine_runs(model_dir, tp)
         report["serve"] = {str(tp): serve_runs(tp) for tp in (None, 2)}
         report["chat"] = chat_runs()
+        report["load"] = {"llama": load_placement(model_dir, 2), "llava": load_placement(defaults.DEFAULT_VLM, 2)}
         try:  # 4 KV heads do not split over 3 devices: one clear error
             kvjax.load(model_dir, "float32", tokenizer=False, tensor_parallel=3)
             report["indivisible"] = "no error"

@@ -114,6 +114,13 @@ def test_chat_cli_tensor_parallel(report):
     assert too_many["code"] == 2 and "needs 8 devices but 4 are visible" in too_many["stderr"]
 
 
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_loading_places_each_weight_on_the_mesh(report, family):
+    """Each tensor goes from the host straight to its shards, never whole on one device first."""
+    placed = report["load"][family]
+    assert placed["puts"] > 0 and placed["on_the_mesh"] == placed["puts"], placed
+
+
 def test_indivisible_kv_heads_is_one_clear_error(report):
     assert "num_kv_heads (4) is not divisible by --tensor-parallel 3" in report["indivisible"]
 
