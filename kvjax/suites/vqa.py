@@ -44,6 +44,7 @@ class VQAConfig:
     num_scenes: int = 120  # test-split scenes, one question each (the kinds in turn)
     split: str = "test"
     max_new_tokens: int = 8
+    batch_size: int = 8  # scenes answered together (one compiled program per method)
     presses: tuple[str, ...] = ()  # the ratio presses compared; () = every one
 
 
@@ -84,21 +85,36 @@ def prompts(prompter, cfg: VQAConfig, *, blank: bool = False) -> list[VQAPrompt]
     return out
 
 
-def answers(model, tokenizer, items: list[VQAPrompt], method: Method, max_new_tokens: int):
-    """Per prompt: (reply text, first-answer-token logits [V], KV bytes after compression)."""
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Rows [1, W, ...] of different widths -> one [N, max W, ...] array, zero-padded on the right."""
+    width = max(a.shape[1] for a in arrays)
+    return np.concatenate([np.pad(np.asarray(a), [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+                           for a in arrays])
+
+
+def answers(model, tokenizer, items: list[VQAPrompt], method: Method, max_new_tokens: int, batch_size: int = 8):
+    """Per prompt: (reply text, first-answer-token logits [V], KV bytes after compression). Prompts go
+    batch_size at a time (a short last batch is filled with copies, so every batch compiles alike);
+    each row has its own lengths, so its answer is the one it gets alone."""
     lm = split(model.language_model)
     eos = tuple(sorted(set(lm.cfg.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
+    batch_size = min(batch_size, len(items))
     out = []
-    for p in items:
-        cache = KVCache.for_model(lm.cfg, 1, p.context.shape[1] + p.question.shape[1] + max_new_tokens,
+    for first in range(0, len(items), batch_size):
+        chunk = items[first:first + batch_size]
+        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        context, embeds, question = (_stack([getattr(p, f) for p in rows]) for f in ("context", "embeds", "question"))
+        context_lens = [p.context_len for p in rows]
+        cache = KVCache.for_model(lm.cfg, len(rows), context.shape[1] + question.shape[1] + max_new_tokens,
                                   model.language_model.dtype)
-        _, cache = prefill_and_compress(lm, cache, p.context, [p.context_len], p.embeds, method=method.method,
-                                        image_len=[p.context_len])
-        kv_bytes = int(cache.used_bytes()[0])
-        logits, cache = prefill(lm, cache, p.question, [p.question_len])
+        _, cache = prefill_and_compress(lm, cache, context, context_lens, embeds, method=method.method,
+                                        image_len=context_lens)
+        kv_bytes = cache.used_bytes()
+        logits, cache = prefill(lm, cache, question, [p.question_len for p in rows])
         gen = generate_from(lm, cache, logits, max_new_tokens=max_new_tokens, eos_ids=eos)
-        reply = tokenizer.decode(gen.tokens[0, :gen.num_generated[0]], skip_special_tokens=True).strip()
-        out.append((reply, np.asarray(logits[0], np.float64), kv_bytes))
+        for r in range(len(chunk)):
+            reply = tokenizer.decode(gen.tokens[r, :gen.num_generated[r]], skip_special_tokens=True).strip()
+            out.append((reply, np.asarray(logits[r], np.float64), int(kv_bytes[r])))
     return out
 
 
@@ -119,7 +135,7 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
 
     def score(method: Method) -> dict:
         nonlocal reference
-        results = answers(model, tokenizer, items, method, cfg.max_new_tokens)
+        results = answers(model, tokenizer, items, method, cfg.max_new_tokens, cfg.batch_size)
         if reference is None:
             reference = results
         _, kl = evaluation.compare(np.stack([r[1] for r in reference]), np.stack([r[1] for r in results]))
@@ -131,7 +147,7 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
                  summary=lambda row: f"acc {row['vqa_acc']:.2f}")
     # the floor: how often the full cache answers right from the question alone, the image blank
     blank = prompts(prompter, cfg, blank=True)
-    blank_image = accuracy(blank, answers(model, tokenizer, blank, FULL_CACHE, cfg.max_new_tokens))
+    blank_image = accuracy(blank, answers(model, tokenizer, blank, FULL_CACHE, cfg.max_new_tokens, cfg.batch_size))
     return {"suite": "vqa", "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start,
             "protocol": "prompt through the image prefilled and compressed (CCM: image MLPs on the image span), then "
                         "the question (kvpress's pipeline); greedy answers; kv_bytes_ratio measured from the cache "
