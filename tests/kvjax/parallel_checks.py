@@ -8,14 +8,14 @@ rest of the suite keeps one device:
 The last is one of two processes that join through jax.distributed (2 CPU devices each) and run
 one greedy generate at tp 4 across them.
 
-For tp 2 and 4 (and one device without a mesh, the reference): logits of a prefill and of one
+For tp 1, 2 and 4 (and one device without a mesh, the reference): logits of a prefill and of one
 decode step after it, and greedy tokens, under no compression, CCM, SnapKV, PyramidKV, int8 and
-ccm+int8 (tp 1, a mesh of one device: TP1_METHODS, one per cache structure); the shardings of the
-cache leaves; how many programs each step compiled; the paged engine's greedy tokens (dense and
-int8 pages, mixed methods in one batch); the server's and the chat command's answers on the
-shipped model at tp 2 and on one device; how loading placed the weights (a Llama, the shipped
-LLaVA). With --kernels the same runs with
-KVJAX_KERNELS=interpret, so the Pallas kernels run per shard under shard_map.
+ccm+int8 at tp 4 (one KV head per device, the finest split); tp 1 (a mesh of one device) and tp 2
+run ONE_PER_STRUCTURE, one method per cache structure; the shardings of the cache leaves; how many
+programs each step compiled; the paged engine's greedy tokens (dense and int8 pages, mixed methods
+in one batch); the server's and the chat command's answers on the shipped model at tp 2 and on one
+device; how loading placed the weights (a Llama, the shipped LLaVA). With --kernels the same runs
+with KVJAX_KERNELS=interpret, so the Pallas kernels run per shard under shard_map.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from kvjax.compression import Int8KV
 PROMPTS = np.random.default_rng(0).integers(3, 500, (2, 40)).astype(np.int32)
 LENGTHS = np.array([40, 33], np.int32)
 NEW_TOKENS = 6
-TP1_METHODS = ["none", "pyramidkv", "ccm+int8"]  # dense, per-layer lengths, int8
+ONE_PER_STRUCTURE = ["none", "pyramidkv", "ccm+int8"]  # dense, per-layer lengths, int8
 
 
 def methods(cfg, names):
@@ -195,8 +195,8 @@ def main(argv) -> int:
     else:
         names = ["none", "ccm", "snapkv", "pyramidkv", "int8", "ccm+int8"]
         report = {"devices": len(jax.devices()), "dense": {}, "engine": {}}
-        for tp in (None, 1, 2, 4):  # a mesh of one device: one method per cache structure
-            report["dense"][str(tp)] = dense_runs(model_dir, tp, TP1_METHODS if tp == 1 else names)
+        for tp in (None, 1, 2, 4):
+            report["dense"][str(tp)] = dense_runs(model_dir, tp, ONE_PER_STRUCTURE if tp in (1, 2) else names)
         for tp in (None, 2):
             report["engine"][str(tp)] = engine_runs(model_dir, tp)
         report["serve"] = {str(tp): serve_runs(tp) for tp in (None, 2)}

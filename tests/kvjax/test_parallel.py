@@ -18,14 +18,14 @@ import pytest
 import kvjax
 from kvjax import parallel
 from kvjax.testing.text import write_checkpoint
-from tests.kvjax.parallel_checks import TP1_METHODS
+from tests.kvjax.parallel_checks import ONE_PER_STRUCTURE
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["none", "ccm", "snapkv", "pyramidkv", "int8", "ccm+int8"]
 
 
 def methods_at(tp: str) -> list[str]:
-    return TP1_METHODS if tp == "1" else METHODS
+    return METHODS if tp == "4" else ONE_PER_STRUCTURE
 
 
 @pytest.fixture(scope="module")
