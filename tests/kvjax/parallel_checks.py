@@ -117,7 +117,7 @@ def kernel_runs(model_dir) -> dict:
         return shard_map(fn, **kwargs)
 
     jax.shard_map = counting
-    names = ["none", "ccm", "snapkv", "int8"]
+    names = ["ccm", "snapkv", "int8"]  # every kernel: decode attention (dense, int8), CCM, compaction
     report = {"dense": {str(tp): dense_runs(model_dir, tp, names) for tp in (None, 2)}}
     report["shard_map_calls"] = len(calls)
     return report
