@@ -32,7 +32,7 @@ from kvjax import evaluation, scenes
 from kvjax.cache import KVCache
 from kvjax.compression import prefill_and_compress
 from kvjax.evaluation import FULL_CACHE, Method
-from kvjax.prompts import bucket
+from kvjax.prompts import bucket, eos_ids_of
 from kvjax.steps import generate_from, prefill, split
 from kvjax.suites.sweep import sweep
 
@@ -85,34 +85,54 @@ def prompts(prompter, cfg: VQAConfig, *, blank: bool = False) -> list[VQAPrompt]
     return out
 
 
-def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class VQABatch:
+    """Prompts stacked for one call of each step (a short last batch padded with copies of its last
+    prompt, so every batch compiles alike); each row keeps its own lengths."""
+
+    context: np.ndarray  # int32 [B, W]
+    embeds: np.ndarray  # [B, W, H]
+    question: np.ndarray  # int32 [B, Q]
+    context_lens: list[int]
+    question_lens: list[int]
+    num_prompts: int  # the rows that are prompts (the rest are padding)
+
+
+def _stack(arrays) -> np.ndarray:
     """Rows [1, W, ...] of different widths -> one [N, max W, ...] array, zero-padded on the right."""
     width = max(a.shape[1] for a in arrays)
     return np.concatenate([np.pad(np.asarray(a), [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
                            for a in arrays])
 
 
-def answers(model, tokenizer, items: list[VQAPrompt], method: Method, max_new_tokens: int, batch_size: int = 8):
-    """Per prompt: (reply text, first-answer-token logits [V], KV bytes after compression). Prompts go
-    batch_size at a time (a short last batch is filled with copies, so every batch compiles alike);
-    each row has its own lengths, so its answer is the one it gets alone."""
-    lm = split(model.language_model)
-    eos = tuple(sorted(set(lm.cfg.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
+def batched(items: list[VQAPrompt], batch_size: int) -> list[VQABatch]:
+    """The prompts batch_size at a time, stacked once for every method of a run."""
     batch_size = min(batch_size, len(items))
     out = []
     for first in range(0, len(items), batch_size):
         chunk = items[first:first + batch_size]
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        context, embeds, question = (_stack([getattr(p, f) for p in rows]) for f in ("context", "embeds", "question"))
-        context_lens = [p.context_len for p in rows]
-        cache = KVCache.for_model(lm.cfg, len(rows), context.shape[1] + question.shape[1] + max_new_tokens,
-                                  model.language_model.dtype)
-        _, cache = prefill_and_compress(lm, cache, context, context_lens, embeds, method=method.method,
-                                        image_len=context_lens)
+        out.append(VQABatch(_stack([p.context for p in rows]), _stack([p.embeds for p in rows]),
+                            _stack([p.question for p in rows]), [p.context_len for p in rows],
+                            [p.question_len for p in rows], len(chunk)))
+    return out
+
+
+def answers(model, tokenizer, batches: list[VQABatch], method: Method, max_new_tokens: int):
+    """Per prompt, in order: (reply text, first-answer-token logits [V], KV bytes after compression).
+    Each row has its own lengths, so its answer is the one it gets alone."""
+    lm = split(model.language_model)
+    eos = eos_ids_of(lm.cfg, tokenizer)
+    out = []
+    for b in batches:
+        slots = b.context.shape[1] + b.question.shape[1] + max_new_tokens
+        cache = KVCache.for_model(lm.cfg, len(b.context_lens), slots, model.language_model.dtype)
+        _, cache = prefill_and_compress(lm, cache, b.context, b.context_lens, b.embeds, method=method.method,
+                                        image_len=b.context_lens)
         kv_bytes = cache.used_bytes()
-        logits, cache = prefill(lm, cache, question, [p.question_len for p in rows])
+        logits, cache = prefill(lm, cache, b.question, b.question_lens)
         gen = generate_from(lm, cache, logits, max_new_tokens=max_new_tokens, eos_ids=eos)
-        for r in range(len(chunk)):
+        for r in range(b.num_prompts):
             reply = tokenizer.decode(gen.tokens[r, :gen.num_generated[r]], skip_special_tokens=True).strip()
             out.append((reply, np.asarray(logits[r], np.float64), int(kv_bytes[r])))
     return out
@@ -131,11 +151,12 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
     """The VQA table of a VLM (the report without the model's name)."""
     start = time.perf_counter()
     items = prompts(prompter, cfg)
+    batches = batched(items, cfg.batch_size)
     reference = None
 
     def score(method: Method) -> dict:
         nonlocal reference
-        results = answers(model, tokenizer, items, method, cfg.max_new_tokens, cfg.batch_size)
+        results = answers(model, tokenizer, batches, method, cfg.max_new_tokens)
         if reference is None:
             reference = results
         _, kl = evaluation.compare(np.stack([r[1] for r in reference]), np.stack([r[1] for r in results]))
@@ -147,7 +168,8 @@ def run(model, tokenizer, prompter, compressors=(), cfg: VQAConfig = VQAConfig()
                  summary=lambda row: f"acc {row['vqa_acc']:.2f}")
     # the floor: how often the full cache answers right from the question alone, the image blank
     blank = prompts(prompter, cfg, blank=True)
-    blank_image = accuracy(blank, answers(model, tokenizer, blank, FULL_CACHE, cfg.max_new_tokens, cfg.batch_size))
+    blank_image = accuracy(blank, answers(model, tokenizer, batched(blank, cfg.batch_size), FULL_CACHE,
+                                          cfg.max_new_tokens))
     return {"suite": "vqa", "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start,
             "protocol": "prompt through the image prefilled and compressed (CCM: image MLPs on the image span), then "
                         "the question (kvpress's pipeline); greedy answers; kv_bytes_ratio measured from the cache "
