@@ -28,16 +28,13 @@ try:
 except ImportError:  # a source checkout
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from kvjax import defaults, retrieval
-from kvjax.cache import KVCache
 from kvjax.config import ModelConfig
 from kvjax.models.llama import CausalLM
-from kvjax.steps import forward_hidden
 from training import lm
 
 FORMATS = {  # format -> (record, (question and the reply up to the code), answer)
@@ -90,21 +87,11 @@ def main(argv=None) -> int:
     tx = lm.optimizer(cfg)
     opt_state = tx.init(params)
 
-    @jax.jit
-    def digit_accuracy(params, tokens, weights):
-        model = nnx.merge(graphdef, params)
-        inputs = tokens[:, :-1]
-        cache = KVCache.for_model(model.cfg, inputs.shape[0], inputs.shape[1], jnp.float32)
-        lengths = jnp.full((inputs.shape[0],), inputs.shape[1], jnp.int32)
-        hidden, _ = forward_hidden(graphdef, params, cache, inputs, lengths, None)
-        hits = jnp.argmax(model.logits(hidden), -1) == tokens[:, 1:]
-        return jnp.sum(hits * weights) / jnp.sum(weights)
-
     start = time.time()
     for step in range(args.steps):
         params, opt_state, out = lm.train_step(params, graphdef, opt_state, batch(step, args.batch_size, 2, 8), tx)
         if (step + 1) % args.report_every == 0:
-            acc = {n: round(float(digit_accuracy(params, **batch(10**6 + n, 64, n, n))), 3) for n in (2, 4, 8)}
+            acc = {n: round(float(lm.digit_accuracy(params, graphdef, batch(10**6 + n, 64, n, n))), 3) for n in (2, 4, 8)}
             print(json.dumps({"format": args.format, "step": step + 1, "loss": round(float(out["loss"]), 3),
                               "digit_acc_by_records": acc, "seconds": round(time.time() - start)}), flush=True)
     return 0

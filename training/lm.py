@@ -277,6 +277,34 @@ train_step = make_train_step(_loss)
 eval_loss = jax.jit(_loss, static_argnums=(1,))
 
 
+def code_digit_rows(tokenizer, tasks) -> dict[str, np.ndarray]:
+    """Teacher-forced rows of recall tasks (context, question, the reply) padded to one width, weight 1
+    on the asked code's 4 digits only: tokens int32 [N, T + 1], weights float32 [N, T]."""
+    tail = len(tokenizer(".<|end|>", add_special_tokens=False)["input_ids"])  # what follows the code
+    rows = [encode_task(tokenizer, task)[0] for task in tasks]
+    tokens = np.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, np.int32)
+    weights = np.zeros((len(rows), tokens.shape[1] - 1), np.float32)
+    for r, (ids, task) in enumerate(zip(rows, tasks)):
+        tokens[r, :len(ids)] = ids
+        end = len(ids) - tail
+        if tokenizer.decode(ids[end - 4:end]) != task.answer:
+            raise KVJaxError(f"the reply of task {r} does not end with its code, one token per digit")
+        weights[r, end - 5:end - 1] = 1.0  # weight t scores the prediction of token t + 1
+    return {"tokens": tokens, "weights": weights}
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def digit_accuracy(params, graphdef, batch) -> jax.Array:
+    """Share of the weighted targets that the argmax of the model's next-token logits gets right."""
+    inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+    model = nnx.merge(graphdef, params)
+    cache = KVCache.for_model(model.cfg, inputs.shape[0], inputs.shape[1], jnp.float32)
+    lengths = jnp.full((inputs.shape[0],), inputs.shape[1], jnp.int32)
+    hidden, _ = forward_hidden(graphdef, params, cache, inputs, lengths, None)
+    hits = jnp.argmax(model.logits(hidden), -1) == targets
+    return jnp.sum(hits * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+
 def hf_tensors(model) -> dict[str, np.ndarray]:
     """The module's parameters under HF names ([out, in] Linear weights), float32 host arrays."""
     out = {}

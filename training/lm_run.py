@@ -42,15 +42,25 @@ def _initial_params(ocp, source: pathlib.Path, template):
         return other.restore(step, args=ocp.args.StandardRestore(template))["params"]
 
 
+DIGIT_RECORDS = (1, 4, 8)  # records per task of the teacher-forced digit accuracy
+
+
 def validate(graphdef, params, tokenizer, texts, cfg: lm.LMConfig, num_tasks: int = 16) -> dict:
-    """Loss on the validation books (fixed windows) and greedy exact-match on retrieval tasks."""
+    """Loss on the validation books (fixed windows), greedy exact-match on retrieval tasks, and the
+    teacher-forced accuracy of the asked code's digits with 1, 4 and 8 records in ~40 words of prose
+    (`digit_acc_r<N>`: it moves long before exact-match does, so a run's progress on binding shows)."""
     loss, _ = lm.eval_loss(params, graphdef, lm.prose_batch(tokenizer, texts["validation"], cfg))
     model = nnx.merge(graphdef, params)
     sentences, correct = retrieval.sentences(texts["validation"]), 0
     for i in range(num_tasks):
         task = retrieval.key_value_recall(sentences, 10_000 + i, num_words=cfg.seq_len // 3)
         correct += task.is_answered_by(lm.greedy_answer(model, tokenizer, task)[0])
-    return {"val_loss": float(loss), "recall_acc": correct / num_tasks}
+    out = {"val_loss": float(loss), "recall_acc": correct / num_tasks}
+    for records in DIGIT_RECORDS:
+        tasks = [retrieval.key_value_recall(sentences, 20_000 + i, num_records=records, num_words=40)
+                 for i in range(2 * num_tasks)]
+        out[f"digit_acc_r{records}"] = float(lm.digit_accuracy(params, graphdef, lm.code_digit_rows(tokenizer, tasks)))
+    return out
 
 
 def train(work: pathlib.Path, texts, tokenizer, cfg: lm.LMConfig, *, save_every: int, eval_every: int,

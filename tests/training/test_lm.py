@@ -13,7 +13,7 @@ import kvjax
 from kvjax import retrieval
 from kvjax.testing import DEMO_TEXT
 from training import lm
-from training.lm_run import train
+from training.lm_run import new_model, train
 
 DUMP = """
 Genesis 1
@@ -99,7 +99,7 @@ def test_resumed_run_equals_an_uninterrupted_one_and_exports(tmp_path, tokenizer
         np.testing.assert_array_equal(np.asarray(a[1].get_value()), np.asarray(b[1].get_value()))
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
-    assert "recall_acc" in lines[-1]
+    assert {"recall_acc", "digit_acc_r1", "digit_acc_r8"} <= set(json.loads(lines[-1]))
     with pytest.raises(kvjax.KVJaxError, match="other settings"):
         train(tmp_path / "cut", texts, tokenizer, dataclasses.replace(CFG, lr=0.5), save_every=2, eval_every=4)
 
@@ -127,3 +127,23 @@ def test_validation_batch_is_prose_only_whatever_the_training_mix(tokenizer):
     batch = lm.prose_batch(tokenizer, DEMO_TEXT, mix)
     assert batch["tokens"].shape == (CFG.batch_size, CFG.seq_len + 1) and (batch["weights"] == 1.0).all()
     np.testing.assert_array_equal(batch["tokens"], lm.prose_batch(tokenizer, DEMO_TEXT, CFG)["tokens"])
+
+
+def test_digit_accuracy_scores_the_asked_codes_digits_by_the_models_argmax(tokenizer):
+    tasks = [retrieval.key_value_recall(retrieval.sentences(DEMO_TEXT), i, num_records=2, num_words=10)
+             for i in range(3)]
+    batch = lm.code_digit_rows(tokenizer, tasks)
+    for row, weights, task in zip(batch["tokens"], batch["weights"], tasks):
+        assert tokenizer.decode(row[1:][weights > 0]) == task.answer and weights.sum() == 4
+    model = new_model(CFG, tokenizer)
+    lengths = np.asarray([len(lm.encode_task(tokenizer, t)[0]) for t in tasks], np.int32)
+    tokens = batch["tokens"].copy()
+    argmax = lambda: np.asarray(kvjax.prefill(  # noqa: E731  (the serving path, every position's logits)
+        model, kvjax.KVCache.for_model(model.cfg, 3, tokens.shape[1]), tokens, lengths, all_logits=True)[0]).argmax(-1)
+    last = lengths - 3  # the last digit (before "." and <|end|>)
+    tokens[np.arange(3), last] = argmax()[np.arange(3), last - 1]  # forced right: an accuracy of at least 1/4
+    hits = argmax()[:, :-1] == tokens[:, 1:]
+    want = hits[batch["weights"] > 0].mean()
+    graphdef, params = nnx.split(model)
+    got = float(lm.digit_accuracy(params, graphdef, {"tokens": tokens, "weights": batch["weights"]}))
+    assert want >= 0.25 and got == pytest.approx(want)
