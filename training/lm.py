@@ -237,17 +237,22 @@ def optimizer(cfg: LMConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
 
 
-def token_loss(graphdef, params, tokens, weights, embeds=None):
-    """Next-token NLL of a causal LM: tokens int32 [B, T + 1] (inputs and shifted targets), weights
-    float32 [B, T], embeds (inputs given as embeddings, e.g. with image features) [B, T, H] or None
-    -> (weighted mean loss, unweighted mean NLL over the weighted targets)."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+def next_token_logits(graphdef, params, inputs, embeds=None) -> jax.Array:
+    """Logits [B, T, V] at every position of full-length rows inputs [B, T] (one fresh cache)."""
     model = nnx.merge(graphdef, params)
     batch_size, seq_len = inputs.shape
     cache = KVCache.for_model(model.cfg, batch_size, seq_len, jnp.float32)
     lengths = jnp.full((batch_size,), seq_len, jnp.int32)
     hidden, _ = forward_hidden(graphdef, params, cache, inputs, lengths, embeds)
-    logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    return model.logits(hidden)
+
+
+def token_loss(graphdef, params, tokens, weights, embeds=None):
+    """Next-token NLL of a causal LM: tokens int32 [B, T + 1] (inputs and shifted targets), weights
+    float32 [B, T], embeds (inputs given as embeddings, e.g. with image features) [B, T, H] or None
+    -> (weighted mean loss, unweighted mean NLL over the weighted targets)."""
+    targets = tokens[:, 1:]
+    logp = jax.nn.log_softmax(next_token_logits(graphdef, params, tokens[:, :-1], embeds), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0), jnp.sum(nll * (weights > 0)) / jnp.maximum(
         jnp.sum(weights > 0), 1)
@@ -296,12 +301,8 @@ def code_digit_rows(tokenizer, tasks) -> dict[str, np.ndarray]:
 @functools.partial(jax.jit, static_argnums=(1,))
 def digit_accuracy(params, graphdef, batch) -> jax.Array:
     """Share of the weighted targets that the argmax of the model's next-token logits gets right."""
-    inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
-    model = nnx.merge(graphdef, params)
-    cache = KVCache.for_model(model.cfg, inputs.shape[0], inputs.shape[1], jnp.float32)
-    lengths = jnp.full((inputs.shape[0],), inputs.shape[1], jnp.int32)
-    hidden, _ = forward_hidden(graphdef, params, cache, inputs, lengths, None)
-    hits = jnp.argmax(model.logits(hidden), -1) == targets
+    tokens = batch["tokens"]
+    hits = jnp.argmax(next_token_logits(graphdef, params, tokens[:, :-1]), -1) == tokens[:, 1:]
     return jnp.sum(hits * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
 
