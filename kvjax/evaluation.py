@@ -44,9 +44,11 @@ class Method:
 FULL_CACHE = Method("none", "none", 0.0)  # no compression: the reference every sweep starts from
 
 
-def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: dict | None = None) -> list[Method]:
+def parse_methods(specs, model_cfg=None, *, compressor_dir=None, model_dir=None,
+                  press_options: dict | None = None) -> list[Method]:
     """['knorm:0.25,0.5', 'int8', 'ccm:5'] -> Methods. A `none` baseline is always first.
-    press_options go to every press that has a field of that name."""
+    press_options go to every press that has a field of that name; model_dir: the weights the
+    compressor in compressor_dir should have been distilled against."""
     methods = [FULL_CACHE]
     for spec in specs:
         base, plus, suffix = spec.partition("+")
@@ -65,7 +67,8 @@ def parse_methods(specs, model_cfg=None, *, compressor_dir=None, press_options: 
                 if factor is not None and not (factor.isdigit() and int(factor) >= 1):
                     raise KVJaxError(f"ccm takes compression factors >= 1, e.g. ccm:5; got {spec!r}")
                 factor = None if factor is None else int(factor)
-                comp = (load_compressor(compressor_dir, model_cfg, compression_factor=factor) if compressor_dir
+                comp = (load_compressor(compressor_dir, model_cfg, compression_factor=factor, model_dir=model_dir)
+                        if compressor_dir
                         else build_compressor(CompressorConfig.for_model(model_cfg, compression_factor=factor)))
                 cf = comp.cfg.compression_factor
                 methods.append(Method(f"ccm:{cf}", "ccm", 1 - 1 / cf, comp))

@@ -107,6 +107,7 @@ def main(argv=None, *, bible_text: str | None = None) -> int:
                           eval_every=args.eval_every, stop_after=args.stop_after, quiet=args.quiet)
         if args.out and model is not None:
             manifest = json.loads((work / "corpus" / "manifest.json").read_text())
+            extra["stages"] = loop.stages(work)
             out = lm.export(model, tokenizer(work, texts, cfg), cfg, args.out, {"data": manifest, **extra})
             print(f"wrote {out}", file=sys.stderr)
     except KVJaxError as e:

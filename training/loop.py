@@ -68,6 +68,24 @@ def latest_state(work: pathlib.Path, template: dict) -> tuple[dict, int]:
         return manager.restore(step, args=ocp.args.StandardRestore(template)), step
 
 
+def stages(work: pathlib.Path) -> list[dict]:
+    """The recipe of a model grown in stages (each run --init-from the one before): for WORK and
+    every run it started from, oldest first, its settings and the step of its latest checkpoint (what
+    the next stage started from, unless the run went on after).
+    A chain that began from an exported model starts with {"init_from": its path}."""
+    chain, seen = [], set()
+    while work is not None and work.resolve() not in seen:
+        seen.add(work.resolve())
+        if not (work / "run.json").is_file():
+            chain.append({"init_from": str(work)})
+            break
+        settings = json.loads((work / "run.json").read_text())
+        saved = [int(p.name) for p in (work / "checkpoints").glob("*") if p.name.isdigit()]
+        chain.append({"work_dir": work.name, "steps_done": max(saved, default=0), "settings": settings})
+        work = pathlib.Path(settings["init_from"]).expanduser() if settings.get("init_from") else None
+    return chain[::-1]
+
+
 def run_steps(work: pathlib.Path, settings: dict, state: dict, step_fn: Callable, *, steps: int, save_every: int,
               eval_every: int, validate: Callable[[dict], dict], init: Callable[[dict], dict] | None = None,
               stop_after: int | None = None, quiet: bool = False) -> dict | None:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kvjax.compression.checkpoint import load_compressor, save_compressor
+from kvjax.compression.checkpoint import distilled_for, load_compressor, save_compressor
 from kvjax.compression.ccm import CompressorConfig, build_compressor
 from kvjax.errors import KVJaxError
 from training import checkpoints, data
@@ -119,6 +119,7 @@ class Trainer:
         self.out = checkpoints.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
         self.loss_cfg = loss_config(cfg)
         model, self.tokenizer, model_cfg, model_dir = load_backbone(cfg)
+        self.distilled_for = distilled_for(model_dir)  # recorded in every saved compressor
         records = read_data(cfg)
         has_images = any(r.image is not None for r in records)
         self.contexts = image_contexts(model, self.tokenizer, model_cfg, model_dir, has_images)
@@ -182,7 +183,7 @@ class Trainer:
         if val["loss"] < record["best_val_loss"]:
             record["best_val_loss"] = val["loss"]
             save_compressor(self.out / "best", self.compressor(), overwrite=True,
-                            extra={"step": step, "val": val})
+                            extra={"step": step, "val": val, **self.distilled_for})
         return val
 
     def run(self) -> dict:
@@ -238,7 +239,7 @@ class Trainer:
 
     def _finish(self, record, final_val, timed) -> dict:
         save_compressor(self.out / "compressor", self.compressor(), overwrite=True,
-                        extra={"step": record["step"], "val": final_val})
+                        extra={"step": record["step"], "val": final_val, **self.distilled_for})
         steady = [t for t in timed if t[3]]  # steps whose shape was already compiled
         seconds = sum(t[0] for t in steady)
         summary = {"steps": record["step"], "initial_val": record["initial_val"], "final_val": final_val,

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def method_from_flags(args, cfg, dtype):
+def method_from_flags(args, cfg, dtype, model_dir=None):
     """The compression method the flags ask for: a press or a CCM compressor, then int8; or None."""
     from kvjax.compression import Int8KV
     from kvjax.compression.presses import press_with_ratio, takes_ratio
@@ -85,7 +85,7 @@ def method_from_flags(args, cfg, dtype):
         import jax.numpy as jnp
 
         steps.append(ccm_from_flags(cfg, args.kv_compress_ckpt, args.kv_compress_factor,
-                                    args.kv_compress_min_seq_len, jnp.dtype(dtype).name))
+                                    args.kv_compress_min_seq_len, jnp.dtype(dtype).name, model_dir))
     if args.kv_quantize == "int8":  # last: presses and CCM read a dense cache
         steps.append(Int8KV())
     return tuple(steps) or None
@@ -127,7 +127,7 @@ def build_session(args):
         args.kv_compress_ckpt = str(defaults.default_compressor_dir(args.kv_compress_factor, model_dir))
     return ChatSession.create(
         model, tokenizer, cfg, model_dir=model_dir, image=args.image, system=args.system, sampling=sampling,
-        seed=args.seed, method=method_from_flags(args, text_cfg, model.dtype), max_tokens=args.max_tokens,
+        seed=args.seed, method=method_from_flags(args, text_cfg, model.dtype, model_dir), max_tokens=args.max_tokens,
         max_new_tokens=args.max_new_tokens, protect=args.press_protect, image_len=args.kv_compress_image_len,
         rope_positions=args.kv_compress_positions)
 

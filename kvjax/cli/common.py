@@ -81,7 +81,7 @@ def model_dir_from_flags(model_dir, demo, image=None):
     return defaults.default_vlm_dir() if image is not None else defaults.default_model_dir()
 
 
-def ccm_from_flags(model_cfg, ckpt, compression_factor, min_seq_len, dtype: str):
+def ccm_from_flags(model_cfg, ckpt, compression_factor, min_seq_len, dtype: str, model_dir=None):
     """--kv-compress-ckpt loaded (checked against the model, cast to dtype), or without one an
     untrained decoupled compressor of the model's shape."""
     from kvjax.compression.ccm import CompressorConfig, build_compressor
@@ -89,7 +89,7 @@ def ccm_from_flags(model_cfg, ckpt, compression_factor, min_seq_len, dtype: str)
 
     if ckpt is not None:
         return load_compressor(ckpt, model_cfg, dtype=dtype, compression_factor=compression_factor,
-                               min_seq_len=min_seq_len)
+                               min_seq_len=min_seq_len, model_dir=model_dir)
     return build_compressor(CompressorConfig.for_model(model_cfg, compression_factor=compression_factor,
                                                        min_seq_len=min_seq_len, dtype=dtype))
 

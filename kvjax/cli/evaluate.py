@@ -77,7 +77,7 @@ def run(args) -> dict:
     model, tokenizer, cfg = kvjax.load(model_dir, dtype=args.dtype)
     if hasattr(cfg, "text"):
         raise KVJaxError(f"{model_dir} is a vision-language model; evaluate its language model directory instead")
-    methods = evaluation.parse_methods(args.methods, cfg, compressor_dir=args.kv_compress_ckpt,
+    methods = evaluation.parse_methods(args.methods, cfg, compressor_dir=args.kv_compress_ckpt, model_dir=model_dir,
                                        press_options=parse_options(args.press_option))
     text_path = args.text or str(DEFAULT_TEXT)
     ids = tokenizer.encode(_read(text_path, "text"), add_special_tokens=False)
@@ -135,7 +135,7 @@ def run_suite(args) -> dict:
             if defaults.is_default_model(model_dir) else []
         if not ckpts:
             print("kvjax: no --kv-compress-ckpt for this model: the table has no CCM rows", file=sys.stderr)
-    compressors = [load_compressor(c, getattr(cfg, "text", cfg), dtype=args.dtype) for c in ckpts]
+    compressors = [load_compressor(c, getattr(cfg, "text", cfg), dtype=args.dtype, model_dir=model_dir) for c in ckpts]
     if is_vqa:
         from kvjax.suites import vqa as suite
         from kvjax.vision import prompter_for

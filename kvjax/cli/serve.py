@@ -87,7 +87,7 @@ def load_service(args):
         [defaults.default_compressor_dir(f, model_dir) for f in defaults.shipped_factors(model_dir)] if is_default else []
     compressors = {}
     for path in paths:
-        compressor = load_compressor(path, text_cfg, dtype=dtype)
+        compressor = load_compressor(path, text_cfg, dtype=dtype, model_dir=model_dir)
         compressors[compressor.cfg.compression_factor] = compressor
     if args.kv_compress and not compressors:
         raise KVJaxError("--kv-compress needs a trained compressor for this model: pass --kv-compress-ckpt DIR "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -77,16 +78,38 @@ def read_compressor_config(path) -> tuple[pathlib.Path, dict]:
     return path, meta
 
 
+def distilled_for(model_dir) -> dict:
+    """The `extra` entry a trained compressor records: the fingerprint of its teacher's weights."""
+    from kvjax.loading.hf import weights_fingerprint  # noqa: PLC0415
+
+    return {"model_fingerprint": weights_fingerprint(model_dir)}
+
+
+def warn_if_other_weights(path: pathlib.Path, meta: dict, model_dir) -> None:
+    """Same shapes but other weights (e.g. an old compressor beside a retrained model) loads and
+    runs, yet compresses like an untrained one: say so. Silent for checkpoints without a record."""
+    from kvjax.loading.hf import weights_fingerprint  # noqa: PLC0415
+
+    saved = (meta.get("extra") or {}).get("model_fingerprint")
+    if saved is not None and saved != (found := weights_fingerprint(model_dir)):
+        warnings.warn(f"compressor {path} was distilled against other weights than {model_dir} (fingerprint {saved}, "
+                      f"this model {found}): it will compress poorly; distil one for this model with "
+                      f"python -m kvjax.train --model-dir {model_dir}", stacklevel=3)
+
+
 RUNTIME_FIELDS = ("min_seq_len", "rope_positions", "dropout")  # safe to change without retraining shapes
 
 
 def load_compressor(path, model_cfg=None, *, dtype: str | None = None, compression_factor: int | None = None,
-                    **overrides) -> CCMCompressor:
-    """Read a compressor checkpoint; with `model_cfg`, refuse one made for another model, and with
-    `compression_factor`, one that merges another number of tokens. `dtype` ('float32',
+                    model_dir=None, **overrides) -> CCMCompressor:
+    """Read a compressor checkpoint; with `model_cfg`, refuse one made for another model's shape,
+    with `model_dir`, warn when it was distilled against other weights of that shape, and with
+    `compression_factor`, refuse one that merges another number of tokens. `dtype` ('float32',
     'bfloat16', 'float16') casts the weights, e.g. to the model's dtype; `overrides` may set
     RUNTIME_FIELDS (None = keep the checkpoint's)."""
     path, meta = read_compressor_config(path)
+    if model_dir is not None:
+        warn_if_other_weights(path, meta, model_dir)
     saved_factor = meta["config"].get("compression_factor")
     if compression_factor is not None and compression_factor != saved_factor:
         raise KVJaxError(f"compression factor {compression_factor} does not match the checkpoint {path}, whose MLPs "

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from kvjax import parallel
 from kvjax.errors import KVJaxError
 from kvjax.loading.hf import (fill_module, iter_tensors, load_tokenizer, read_config_json, resolve_dtype,
-                              safetensors_files)
+                              safetensors_files, weights_fingerprint)
 from kvjax.loading.llava import load_llava
 from kvjax.loading.minicpmv import load_minicpmv, load_minicpmv_tokenizer
 from kvjax.loading.text import load_causal_lm
@@ -61,4 +61,5 @@ def load(model_dir, dtype: Any = "auto", *, tokenizer: bool = True, progress: bo
     return model, (loader.tokenizer(path) if tokenizer else None), cfg
 
 
-__all__ = ["load", "LOADERS", "Loader", "fill_module", "iter_tensors", "safetensors_files", "read_config_json"]
+__all__ = ["load", "LOADERS", "Loader", "fill_module", "iter_tensors", "safetensors_files", "read_config_json",
+           "weights_fingerprint"]

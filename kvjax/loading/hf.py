@@ -87,6 +87,22 @@ def safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
+def weights_fingerprint(model_dir) -> str:
+    """A short id of the directory's weights: sha256 over each safetensors file's name, size and
+    first and last MiB (the header and tensor bytes; O(1) even for a 7B model). Compressors record
+    the id of the model they were distilled against, so one paired with other weights is caught."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in safetensors_files(pathlib.Path(model_dir)):
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+            f.seek(max(size - (1 << 20), 0))
+            digest.update(f"{path.name}:{size}:".encode() + head + f.read())
+    return digest.hexdigest()[:16]
+
+
 def iter_tensors(files: Iterable[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
     """(name, host array) one tensor at a time, memory-mapped from safetensors."""
     from safetensors import SafetensorError, safe_open

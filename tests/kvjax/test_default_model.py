@@ -113,3 +113,15 @@ def test_fidelity_suite_quick(tmp_path, capsys):
     assert 0.2 < rows["int8"]["kv_bytes_ratio"] < 0.3 and rows["int8"]["agreement"] > 0.9  # float32 cache
     assert {"l2_compress", "streaming_llm", f"ccm:{max(shipped_factors())}+int8"} <= set(rows)
     assert (tmp_path / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shipped_compressors_were_distilled_for_the_shipped_weights():
+    """Retraining a default model without re-distilling its compressors would ship ones that load
+    (same shapes) but compress like untrained ones: each records its teacher's fingerprint."""
+    from kvjax.defaults import DEFAULT_VLM, default_compressor_dir, shipped_factors
+    from kvjax.loading import weights_fingerprint
+
+    for model_dir in (MODEL, DEFAULT_VLM):
+        for cf in shipped_factors(model_dir):
+            meta = json.loads((default_compressor_dir(cf, model_dir) / "compressor.json").read_text())
+            assert meta["extra"]["model_fingerprint"] == weights_fingerprint(model_dir), (model_dir, cf)

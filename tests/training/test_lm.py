@@ -112,6 +112,24 @@ def test_resumed_run_equals_an_uninterrupted_one_and_exports(tmp_path, tokenizer
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=0.05)  # bf16 weights
 
 
+def test_stages_record_each_run_the_model_grew_from(tmp_path):
+    """training.json's recipe of a staged model: every --init-from link, oldest first, each with its
+    settings and the checkpoint step it passed on (not a metrics line logged past it)."""
+    from training.loop import stages
+
+    links = {"a": str(tmp_path / "exported"), "b": str(tmp_path / "a"), "c": str(tmp_path / "b")}
+    for name, steps in (("a", (50, 100)), ("b", (300,)), ("c", (20,))):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        for step in steps:
+            (tmp_path / name / "checkpoints" / str(step)).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"lr": 0.1, "init_from": links[name]}))
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": steps[-1] + 7}) + "\n")
+    chain = stages(tmp_path / "c")
+    assert chain[0] == {"init_from": str(tmp_path / "exported")}
+    assert [(s["work_dir"], s["steps_done"], s["settings"]["init_from"]) for s in chain[1:]] == [
+        ("a", 100, links["a"]), ("b", 300, links["b"]), ("c", 20, links["c"])]
+
+
 def test_copy_rows_repeat_a_span_and_weigh_only_the_repeats(tokenizer):
     batches = lm.Batches(tokenizer, DEMO_TEXT, dataclasses.replace(CFG, copy_share=1.0))
     for row, weights in zip(*batches(3).values()):

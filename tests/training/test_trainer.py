@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from kvjax.errors import KVJaxError
+from kvjax.loading import weights_fingerprint
 from tests.training.conftest import SHARED, assert_every_layer_moved, tiny_config
 
 
@@ -34,6 +35,8 @@ def test_training_lowers_validation_kl(trained_run):
     lines = _metrics(out)
     assert sum(line["split"] == "val" for line in lines) == SHARED["epochs"] and lines[-1]["split"] == "val"
     assert (out / "best" / "compressor.json").exists() and (out / "compressor" / "compressor.json").exists()
+    saved = json.loads((out / "compressor" / "compressor.json").read_text())["extra"]
+    assert saved["model_fingerprint"] == weights_fingerprint(trainer.cfg.model_dir)  # its teacher, for load's check
     assert summary["examples_per_s"] > 0 and summary["num_compiled_shapes"] == 1
 
 

@@ -23,10 +23,10 @@ def monkeypatch_module():
         yield mp
 
 
-def demo_compressor(home, name, **overrides):
+def demo_compressor(home, name, extra=None, **overrides):
     """A compressor checkpoint shaped for the demo model (4 layers, 2 kv heads, head_dim 32)."""
     cfg = CompressorConfig(**{**dict(num_layers=4, num_kv_heads=2, head_dim=32, compression_factor=4), **overrides})
-    return save_compressor(home / name, build_compressor(cfg), overwrite=True)
+    return save_compressor(home / name, build_compressor(cfg), overwrite=True, extra=extra)
 
 
 def test_compressed_chat_reports_bytes_and_time(home):
@@ -42,10 +42,11 @@ def test_compressed_chat_reports_bytes_and_time(home):
 def test_compressed_chat_with_checkpoint(home, capsys):
     from kvjax.cli.chat import main
 
-    ckpt = demo_compressor(home, "ccm")
-    assert main(["--demo", "llama",
-                 "--question", "hello hello hello hello hello", "--max-new-tokens", "4", "--kv-compress-ckpt",
-                 str(ckpt), "--kv-compress-positions", "compressed", "--quiet"]) == 0
+    ckpt = demo_compressor(home, "ccm", extra={"model_fingerprint": "another-model"})
+    with pytest.warns(UserWarning, match="distilled against other weights than"):  # chat checks the teacher too
+        assert main(["--demo", "llama",
+                     "--question", "hello hello hello hello hello", "--max-new-tokens", "4", "--kv-compress-ckpt",
+                     str(ckpt), "--kv-compress-positions", "compressed", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() and "UNTRAINED" not in captured.err
 

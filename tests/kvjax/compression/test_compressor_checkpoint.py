@@ -57,3 +57,24 @@ def test_save_refuses_to_clobber(tmp_path):
         save_compressor(tmp_path / "c", build_compressor(CFG))
     save_compressor(tmp_path / "c", build_compressor(CFG), overwrite=True)
     assert not (tmp_path / "c.old").exists() and not (tmp_path / "c.partial").exists()
+
+
+def test_compressor_distilled_for_other_weights_warns(tmp_path):
+    """A retrained model keeps its shapes, so an old compressor still loads: the fingerprint of the
+    teacher's weights it records is what tells them apart."""
+    import warnings
+
+    from kvjax.compression.checkpoint import distilled_for
+
+    for name, byte in (("teacher", b"a"), ("retrained", b"b")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"header" + byte * 4096)
+    save_compressor(tmp_path / "c", build_compressor(CFG), extra=distilled_for(tmp_path / "teacher"))
+    save_compressor(tmp_path / "unrecorded", build_compressor(CFG))  # converted, or from an older kvjax
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_compressor(tmp_path / "c", model_dir=tmp_path / "teacher")
+        load_compressor(tmp_path / "unrecorded", model_dir=tmp_path / "retrained")
+    with pytest.warns(UserWarning, match=r"distilled against other weights than \S*retrained .*"
+                                         r"python -m kvjax.train --model-dir"):
+        load_compressor(tmp_path / "c", model_dir=tmp_path / "retrained")
