@@ -6,6 +6,8 @@ per (layer, kv head) a group's cf vectors are concatenated token-major (feature 
 MLP  Linear(cf*D, D) -> ReLU -> Linear(D, D) -> ReLU -> Linear(D, D)  (one per layer, for K and for
 V, and per span kind) maps them to one vector. The n % cf leftover tokens stay as they are. A span
 with fewer than min_seq_len groups, or an image span without image MLPs, is kept unchanged.
+keep_last > 0 keeps the text span's last keep_last tokens (the question, the chat template's tail)
+as they are too: only the tokens before them are grouped, and the leftovers are counted there.
 The row is rewritten as  [image groups | image leftovers | text groups | text leftovers]  and its
 new length is returned; slots past it are left as they were.
 """
@@ -55,19 +57,21 @@ class CCMPlan(NamedTuple):
     new_len: jax.Array  # int32 [B]
 
 
-def num_out_slots(max_len: int, cf: int, min_seq_len: int, compress_image: bool = True) -> int:
+def num_out_slots(max_len: int, cf: int, min_seq_len: int, compress_image: bool = True, keep_last: int = 0) -> int:
     """A static bound N on the compressed length of any row (the output prefix to write). An image
     span kept whole (no image MLPs) may fill the cache, so then the bound is max_len."""
     if not compress_image:
         return max_len
     # A span of length n keeps at most n // cf + extra slots: cf - 1 leftovers when it is
-    # compressed, or all of it (< min_seq_len * cf) when it falls back. Two spans share max_len.
+    # compressed, or all of it (< min_seq_len * cf) when it falls back. Two spans share max_len;
+    # the text span also keeps its last keep_last tokens.
     below = max(min_seq_len * cf - 1, 0)
     extra = max(cf - 1, below - below // cf)
-    return min(max_len, max_len // cf + 2 * extra)
+    return min(max_len, max_len // cf + 2 * extra + keep_last)
 
 
-def ccm_plan(kv_len, image_len, max_len: int, cf: int, min_seq_len: int, compress_image: bool) -> CCMPlan:
+def ccm_plan(kv_len, image_len, max_len: int, cf: int, min_seq_len: int, compress_image: bool,
+             keep_last: int = 0) -> CCMPlan:
     """The group and destination plan for each sequence (all int32 arithmetic, no data read)."""
     kv_len = kv_len.astype(jnp.int32)
     image_len = jnp.clip(image_len.astype(jnp.int32), 0, kv_len)
@@ -78,7 +82,7 @@ def ccm_plan(kv_len, image_len, max_len: int, cf: int, min_seq_len: int, compres
         return jnp.where((groups >= min_seq_len) & allowed, groups, 0)
 
     n_img = groups_of(image_len, compress_image)
-    n_txt = groups_of(text_len)
+    n_txt = groups_of(jnp.maximum(text_len - keep_last, 0))
     r_img = image_len - n_img * cf
     r_txt = text_len - n_txt * cf
     new_len = n_img + r_img + n_txt + r_txt
@@ -88,7 +92,7 @@ def ccm_plan(kv_len, image_len, max_len: int, cf: int, min_seq_len: int, compres
     group_start = jnp.where(is_image, g * cf, image_len[:, None] + (g - n_img[:, None]) * cf)
     group_start = jnp.clip(group_start, 0, max_len - cf)  # unused groups read something valid
 
-    j = jnp.arange(num_out_slots(max_len, cf, min_seq_len, compress_image), dtype=jnp.int32)[None, :]
+    j = jnp.arange(num_out_slots(max_len, cf, min_seq_len, compress_image, keep_last), dtype=jnp.int32)[None, :]
     n_img, r_img, n_txt = n_img[:, None], r_img[:, None], n_txt[:, None]
     after_img = j - n_img - r_img  # index within the text part
     src = jnp.where(j < n_img, max_len + j,
@@ -128,10 +132,10 @@ def _compressed_groups(cache, plan: CCMPlan, cf: int, text: GroupMLP, image: Gro
 
 
 def ccm_compress_reference(k, v, kv_len, image_len, weights: CCMWeights, *, cf: int, min_seq_len: int,
-                           dropout: Callable | None = None):
+                           keep_last: int = 0, dropout: Callable | None = None):
     """The definition (module docstring) in plain jnp: k, v [L, B, H, S, D], kv_len and image_len
     int32 [B] -> (k, v, new_len [B]). Differentiable in `weights`; `dropout` is for training only."""
-    plan = ccm_plan(kv_len, image_len, k.shape[3], cf, min_seq_len, weights.image_k is not None)
+    plan = ccm_plan(kv_len, image_len, k.shape[3], cf, min_seq_len, weights.image_k is not None, keep_last)
     new_k = _compressed_groups(k, plan, cf, weights.text_k, weights.image_k, dropout)
     new_v = _compressed_groups(v, plan, cf, weights.text_v, weights.image_v, dropout)
     src = plan.src[None, :, None, :]
@@ -216,15 +220,15 @@ def _ccm_kernel(new_len_ref, src_ref, start_ref, is_image_ref, k_in, v_in, *refs
 
 
 def ccm_compress_pallas(k, v, kv_len, image_len, weights: CCMWeights, *, cf: int, min_seq_len: int,
-                        block_n: int = 16, interpret: bool = False):
+                        keep_last: int = 0, block_n: int = 16, interpret: bool = False):
     """One pass per (layer, sequence, head) row, in place (k, v aliased to the outputs): walking the
     output slots in ascending chunks, each chunk gathers its groups' tokens, runs the MLPs and
     writes compressed vectors and moved leftovers. Every slot's sources lie at or after it."""
-    return _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, CCMBlocks(block_n), interpret)
+    return _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, keep_last, CCMBlocks(block_n), interpret)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
-def _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, blocks: CCMBlocks, interpret):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, keep_last, blocks: CCMBlocks, interpret):
     num_layers, batch, num_heads, max_len, head_dim = k.shape
     if v.shape != k.shape or kv_len.shape != (batch,) or image_len.shape != (batch,):
         raise ValueError(f"ccm_compress: k {k.shape}, v {v.shape}, kv_len {kv_len.shape}, "
@@ -236,7 +240,7 @@ def _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, blocks: CCMBl
         raise ValueError(f"ccm_compress_pallas: {reason}; use ccm_compress (falls back)")
     _compat.quiet_triton_deprecation()
     has_image = weights.image_k is not None
-    plan = ccm_plan(kv_len, image_len, max_len, cf, min_seq_len, has_image)
+    plan = ccm_plan(kv_len, image_len, max_len, cf, min_seq_len, has_image, keep_last)
     block_n = _compat.largest_power_of_2_dividing(max_len, max(blocks.block_n, 16))
     num_dst = plan.src.shape[1]
     padded = pl.cdiv(num_dst, block_n) * block_n  # <= S because block_n divides S
@@ -273,11 +277,11 @@ def _ccm_pallas(k, v, kv_len, image_len, weights, cf, min_seq_len, blocks: CCMBl
     return k, v, plan.new_len
 
 
-def ccm_compress(k, v, kv_len, image_len, weights: CCMWeights, *, cf: int, min_seq_len: int,
+def ccm_compress(k, v, kv_len, image_len, weights: CCMWeights, *, cf: int, min_seq_len: int, keep_last: int = 0,
                  mode: str | None = None):
     """Dispatcher (inference: no dropout): Pallas on GPU, the reference on CPU."""
     mode = choose_mode("ccm_compress", mode, unsupported_reason(k.shape))
+    statics = dict(cf=cf, min_seq_len=min_seq_len, keep_last=keep_last)
     if mode == "reference":
-        return ccm_compress_reference(k, v, kv_len, image_len, weights, cf=cf, min_seq_len=min_seq_len)
-    return ccm_compress_pallas(k, v, kv_len, image_len, weights, cf=cf, min_seq_len=min_seq_len,
-                               interpret=mode == "interpret")
+        return ccm_compress_reference(k, v, kv_len, image_len, weights, **statics)
+    return ccm_compress_pallas(k, v, kv_len, image_len, weights, **statics, interpret=mode == "interpret")

@@ -78,6 +78,8 @@ def parse_args(argv):
     p.add_argument("--num-recall", type=int, default=640)
     p.add_argument("--num-prose", type=int, default=160)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--keep-last", type=int, default=0, help="each prompt's last N tokens (the question) stay "
+                   "uncompressed, in training and (recorded in the compressor) at inference")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     out = work / f"ccm-cf{args.compression_factor}"
     flags = ["--model-dir", model_dir, "--data", str(data), "--out", str(out), "--compression-factor",
              str(args.compression_factor), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr), "--seed", str(args.seed), "--max-context-len", "1024", "--max-answer-len", "16",
+             "--lr", str(args.lr), "--seed", str(args.seed), "--keep-last", str(args.keep_last), "--max-context-len", "1024", "--max-answer-len", "16",
              "--save-every", "25", "--val-ratio", "0.1", *extra]
     if out.is_dir() and any(out.iterdir()):  # continue a run; one killed before its first checkpoint restarts
         flags.append("--resume" if checkpoints.latest_step(out) is not None else "--overwrite")

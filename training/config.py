@@ -36,6 +36,7 @@ class TrainConfig:
     init_compressor: str | None = _opt(None, "start from this compressor checkpoint", kind=str)
     compression_factor: int = _opt(5, "tokens merged into one")
     min_seq_len: int = _opt(2, "spans with fewer groups stay uncompressed")
+    keep_last: int = _opt(0, "each prompt's last N tokens (the question) stay uncompressed; 0: FastCache's CCM")
     dropout: float = _opt(0.4, "compressor dropout while training (FastCache: 0.4)")
     positions: str = _opt("original", "RoPE positions after compression (DESIGN.md)", POSITIONS)
     epochs: int = _opt(3, "passes over the training split")
@@ -73,8 +74,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise KVJaxError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
-            raise KVJaxError(f"min_seq_len must be an integer >= 0, got {self.min_seq_len!r}")
+        for name in ("min_seq_len", "keep_last"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise KVJaxError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         for name, low, high in (("lr", 0, None), ("val_ratio", 0, 1), ("plateau_factor", 0, 1)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (value > low and (high is None or value < high)):

@@ -77,15 +77,15 @@ def make_compressor(cfg: TrainConfig, model_cfg, has_images: bool):
     kind = cfg.compressor or ("decouple" if has_images else "hybrid")
     if cfg.init_compressor:
         compressor = load_compressor(cfg.init_compressor, model_cfg, dtype=cfg.dtype, dropout=cfg.dropout,
-                                     min_seq_len=cfg.min_seq_len, rope_positions=cfg.positions)
+                                     min_seq_len=cfg.min_seq_len, keep_last=cfg.keep_last, rope_positions=cfg.positions)
         if compressor.cfg.compression_factor != cfg.compression_factor:
             raise KVJaxError(f"--init-compressor {cfg.init_compressor} merges {compressor.cfg.compression_factor} "
                              f"tokens but --compression-factor is {cfg.compression_factor}")
         return compressor
     return build_compressor(CompressorConfig(
         num_layers=model_cfg.num_layers, num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
-        compression_factor=cfg.compression_factor, min_seq_len=cfg.min_seq_len, dropout=cfg.dropout,
-        image_mode="image_mlp" if kind == "decouple" else "text_mlp", rope_positions=cfg.positions,
+        compression_factor=cfg.compression_factor, min_seq_len=cfg.min_seq_len, keep_last=cfg.keep_last,
+        dropout=cfg.dropout, image_mode="image_mlp" if kind == "decouple" else "text_mlp", rope_positions=cfg.positions,
         dtype=cfg.dtype), rngs=nnx.Rngs(cfg.seed))
 
 

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens merged into one (default 5, or the checkpoint's)")
     g.add_argument("--kv-compress-min-seq-len", type=non_negative_int,
                    help="spans with fewer groups stay uncompressed (default 2, or the checkpoint's)")
+    g.add_argument("--kv-compress-keep-last", type=non_negative_int, metavar="N",
+                   help="the prompt's last N tokens (the question, the template's tail) stay uncompressed "
+                        "(default 0, or what the checkpoint was distilled with)")
     g.add_argument("--kv-compress-image-len", type=non_negative_int, default=0,
                    help="image prefix of the cache; 0 = infer from the prompt (0 for text-only prompts)")
     g.add_argument("--kv-compress-positions", choices=["original", "compressed"],
@@ -85,7 +88,8 @@ def method_from_flags(args, cfg, dtype, model_dir=None):
         import jax.numpy as jnp
 
         steps.append(ccm_from_flags(cfg, args.kv_compress_ckpt, args.kv_compress_factor,
-                                    args.kv_compress_min_seq_len, jnp.dtype(dtype).name, model_dir))
+                                    args.kv_compress_min_seq_len, jnp.dtype(dtype).name, model_dir,
+                                    args.kv_compress_keep_last))
     if args.kv_quantize == "int8":  # last: presses and CCM read a dense cache
         steps.append(Int8KV())
     return tuple(steps) or None

@@ -81,7 +81,7 @@ def model_dir_from_flags(model_dir, demo, image=None):
     return defaults.default_vlm_dir() if image is not None else defaults.default_model_dir()
 
 
-def ccm_from_flags(model_cfg, ckpt, compression_factor, min_seq_len, dtype: str, model_dir=None):
+def ccm_from_flags(model_cfg, ckpt, compression_factor, min_seq_len, dtype: str, model_dir=None, keep_last=None):
     """--kv-compress-ckpt loaded (checked against the model, cast to dtype), or without one an
     untrained decoupled compressor of the model's shape."""
     from kvjax.compression.ccm import CompressorConfig, build_compressor
@@ -89,9 +89,9 @@ def ccm_from_flags(model_cfg, ckpt, compression_factor, min_seq_len, dtype: str,
 
     if ckpt is not None:
         return load_compressor(ckpt, model_cfg, dtype=dtype, compression_factor=compression_factor,
-                               min_seq_len=min_seq_len, model_dir=model_dir)
+                               min_seq_len=min_seq_len, keep_last=keep_last, model_dir=model_dir)
     return build_compressor(CompressorConfig.for_model(model_cfg, compression_factor=compression_factor,
-                                                       min_seq_len=min_seq_len, dtype=dtype))
+                                                       min_seq_len=min_seq_len, keep_last=keep_last, dtype=dtype))
 
 
 def add_parallel_flags(parser, *, hosts: bool = True) -> None:

@@ -6,6 +6,8 @@ only; what happens to the image span is explicit in its config's `image_mode`:
   "text_mlp"  the whole cache goes through the text MLPs (image_len is ignored) - how FastCache
               trained and ran its MiniCPM-V compressor;
   "keep"      the image prefix stays uncompressed, the text span is compressed.
+`keep_last` (a runtime field, like min_seq_len) keeps the text span's last tokens, e.g. the question,
+out of the groups; 0 is FastCache's CCM.
 The math lives in `pallas_kernels.ccm_compress`; this module holds the parameters and the step.
 """
 
@@ -38,6 +40,7 @@ class CompressorConfig:
     head_dim: int
     compression_factor: int = 5
     min_seq_len: int = 2  # a span with fewer groups than this is kept unchanged
+    keep_last: int = 0  # the text span's last tokens (the question) kept as they are; 0: FastCache's CCM
     dropout: float = 0.4  # FastCache's rate; active only in training mode
     image_mode: str = "image_mlp"  # see the module docstring
     rope_positions: str = "original"  # the convention the compressor was trained with (DESIGN.md)
@@ -47,8 +50,9 @@ class CompressorConfig:
         for name in ("num_layers", "num_kv_heads", "head_dim", "compression_factor"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise KVJaxError(f"compressor {name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
-            raise KVJaxError(f"compressor min_seq_len must be an integer >= 0, got {self.min_seq_len!r}")
+        for name in ("min_seq_len", "keep_last"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise KVJaxError(f"compressor {name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise KVJaxError(f"compressor dropout must be in [0, 1), got {self.dropout!r}")
         for name, allowed in (("image_mode", IMAGE_MODES), ("rope_positions", ROPE_POSITIONS), ("dtype", DTYPES)):
@@ -172,7 +176,7 @@ def apply_compression(cache: KVCache, compressor: CCMCompressor, image_len, *, r
     rope_positions = rope_positions or cfg.rope_positions
     if cfg.image_mode == "text_mlp":
         image_len = jnp.zeros_like(cache.kv_len)
-    kwargs = dict(cf=cfg.compression_factor, min_seq_len=cfg.min_seq_len)
+    kwargs = dict(cf=cfg.compression_factor, min_seq_len=cfg.min_seq_len, keep_last=cfg.keep_last)
     if compressor.is_training:
         k, v, new_len = ccm_compress_reference(cache.k, cache.v, cache.kv_len, image_len, compressor.ccm_weights(),
                                                dropout=compressor.text_k.dropout, **kwargs)

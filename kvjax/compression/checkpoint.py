@@ -97,7 +97,7 @@ def warn_if_other_weights(path: pathlib.Path, meta: dict, model_dir) -> None:
                       f"python -m kvjax.train --model-dir {model_dir}", stacklevel=3)
 
 
-RUNTIME_FIELDS = ("min_seq_len", "rope_positions", "dropout")  # safe to change without retraining shapes
+RUNTIME_FIELDS = ("min_seq_len", "keep_last", "rope_positions", "dropout")  # safe to change without retraining shapes
 
 
 def load_compressor(path, model_cfg=None, *, dtype: str | None = None, compression_factor: int | None = None,

@@ -16,16 +16,19 @@ def numpy_mlp(w, x):
     return h @ w3 + b3
 
 
-def naive_ccm(k, v, kv_len, image_len, weights, cf: int, min_seq_len: int):
+def naive_ccm(k, v, kv_len, image_len, weights, cf: int, min_seq_len: int, keep_last: int = 0):
     """k, v [L, B, H, S, D] numpy; kv_len, image_len [B]; weights a CCMWeights of numpy arrays
     (image_k None: the image span is kept as it is). Per sequence, layer and head: walk the image
-    span then the text span, group by group. -> (k, v, new_len [B]); slots past new_len are 0."""
+    span then the text span, group by group; the text span's last keep_last tokens are appended as
+    they are. -> (k, v, new_len [B]); slots past new_len are 0."""
     k, v = np.asarray(k, np.float32), np.asarray(v, np.float32)
     out_k, out_v, new_lens = np.zeros_like(k), np.zeros_like(v), []
     for b in range(k.shape[1]):
         img = min(int(image_len[b]), int(kv_len[b]))
         image_mlps = None if weights.image_k is None else (weights.image_k, weights.image_v)
-        spans = [(0, img, image_mlps), (img, int(kv_len[b]) - img, (weights.text_k, weights.text_v))]
+        text = int(kv_len[b]) - img
+        kept = min(keep_last, text)
+        spans = [(0, img, image_mlps), (img, text - kept, (weights.text_k, weights.text_v)), (img + text - kept, kept, None)]
         for layer in range(k.shape[0]):
             for head in range(k.shape[2]):
                 for cache, rows, which in ((k, out_k, 0), (v, out_v, 1)):

@@ -89,3 +89,15 @@ def test_llava_json_records(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(entries))
     with pytest.raises(KVJaxError, match=r"d\.json:entry 0: image .*missing\.png.* does not exist"):
         read_records(tmp_path / "d.json", tmp_path / "img")
+
+
+def test_keep_last_reaches_the_compressor_it_distils():
+    """--keep-last is the compressor's own field, so the checkpoint carries it to inference."""
+    from kvjax.config import ModelConfig
+    from training.config import TrainConfig
+    from training.trainer import make_compressor
+
+    compressor = make_compressor(TrainConfig(keep_last=6, compression_factor=3), ModelConfig.tiny(), has_images=False)
+    assert (compressor.cfg.keep_last, compressor.cfg.compression_factor) == (6, 3)
+    with pytest.raises(KVJaxError, match="keep_last must be an integer >= 0"):
+        TrainConfig(keep_last=-1)

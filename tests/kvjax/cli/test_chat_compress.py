@@ -83,7 +83,8 @@ def test_mismatched_checkpoints_exit_2_with_one_line(home, capsys, case, message
 
 def test_image_chat_infers_the_image_span(home):
     """--kv-compress-image-len 0 takes image_len from the LLaVA prompt: the image span and the text
-    span are compressed separately, so kv_len after = f(image_len) + f(prompt - image_len)."""
+    span are compressed separately, so kv_len after = f(image_len) + f(prompt - image_len), and
+    --kv-compress-keep-last 7 keeps the text's last 7 tokens out of the groups."""
     import io
     from pathlib import Path
 
@@ -92,17 +93,18 @@ def test_image_chat_infers_the_image_span(home):
 
     image = Path(__file__).resolve().parents[3] / "assets" / "sample.png"
     args = build_parser().parse_args(["--demo", "llava", "--image", str(image), "--max-new-tokens", "2",
-                                      "--kv-compress", "--kv-compress-factor", "3", "--quiet"])
+                                      "--kv-compress", "--kv-compress-factor", "3", "--kv-compress-keep-last", "7", "--quiet"])
     session = build_session(args)
     session.ask("What is in the picture?", write=io.StringIO().write)
     _, mask = session.encode(session.messages[:1])
     image_len, prompt_len, kv_len = int(image_prefix_len(mask[None])[0]), session.last.num_prompt, session.last.kv_len
 
-    def kept(n, cf=3, min_groups=2):
-        return n // cf + n % cf if n // cf >= min_groups else n
+    def kept(n, keep=0, cf=3, min_groups=2):
+        grouped = max(n - keep, 0)
+        return grouped // cf + grouped % cf + n - grouped if grouped // cf >= min_groups else n
 
-    assert 0 < image_len < prompt_len
-    assert kv_len == kept(image_len) + kept(prompt_len - image_len)
+    assert 0 < image_len < prompt_len - 7 - 6
+    assert kv_len == kept(image_len) + kept(prompt_len - image_len, keep=7)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ def naive_compress(k, v, kv_len, image_len, compressor):
     cfg = compressor.cfg
     image_len = np.zeros_like(image_len) if cfg.image_mode == "text_mlp" else image_len
     weights = jax.tree.map(np.asarray, compressor.ccm_weights())
-    return naive_ccm(k, v, kv_len, image_len, weights, cfg.compression_factor, cfg.min_seq_len)
+    return naive_ccm(k, v, kv_len, image_len, weights, cfg.compression_factor, cfg.min_seq_len, cfg.keep_last)
 
 
 def random_cache(seed, layers=2, batch=4, heads=2, max_len=40, head_dim=8, kv_len=(40, 23, 0, 7)):
@@ -28,7 +28,7 @@ def random_cache(seed, layers=2, batch=4, heads=2, max_len=40, head_dim=8, kv_le
     return kvjax.KVCache(jnp.asarray(k), jnp.asarray(v), jnp.asarray(kv_len), jnp.asarray(positions)), k, v
 
 
-CASES = [  # (cf, min_seq_len, image_mode, image_len per sequence)
+CASES = [  # (cf, min_seq_len, image_mode, image_len per sequence[, keep_last])
     (2, 2, "image_mlp", (0, 0, 0, 0)),
     (3, 2, "image_mlp", (13, 2, 5, 7)),       # image not a multiple of cf; < cf; past kv_len
     (5, 2, "image_mlp", (9, 11, 0, 3)),       # image 9 < 2*cf: falls back, text compressed
@@ -38,13 +38,14 @@ CASES = [  # (cf, min_seq_len, image_mode, image_len per sequence)
     (2, 0, "image_mlp", (1, 1, 0, 1)),
     # A 30-token image kept whole + 10 text tokens = 34 slots: past the output bound ccm_plan once used (16).
     (4, 1, "keep", (30, 0, 0, 0)),
+    (3, 1, "image_mlp", (13, 2, 5, 7), 8),  # the text's last 8 tokens kept: 27 -> 19 grouped + 8; 21 -> 13 + 8
 ]
 
 
-@pytest.mark.parametrize("cf,min_seq_len,image_mode,image_len", CASES)
-def test_compress_equals_naive_loop(cf, min_seq_len, image_mode, image_len):
+@pytest.mark.parametrize("cf,min_seq_len,image_mode,image_len,keep_last", [(*c, 0)[:5] for c in CASES])
+def test_compress_equals_naive_loop(cf, min_seq_len, image_mode, image_len, keep_last):
     cfg = CompressorConfig(num_layers=2, num_kv_heads=2, head_dim=8, compression_factor=cf,
-                           min_seq_len=min_seq_len, image_mode=image_mode)
+                           min_seq_len=min_seq_len, image_mode=image_mode, keep_last=keep_last)
     compressor = build_compressor(cfg, rngs=nnx.Rngs(cf))
     cache, k, v = random_cache(cf)
     kv_len, positions = np.asarray(cache.kv_len), np.asarray(cache.positions)
