@@ -51,26 +51,31 @@ def recall_question(seed: int, num_words: int = 200):
 
 
 @pytest.mark.parametrize("flags", [[], ["--kv-compress"]], ids=["full", "ccm"])
-def test_default_chat_is_the_shipped_model_and_replies_with_a_code(flags, capsys):
+def test_default_chat_answers_a_recall_question(flags, capsys):
     """`python -m kvjax.chat` with no model flag loads the shipped model (and with --kv-compress its
-    shipped cf-5 compressor, not an untrained one); asked for a code it replies with digits. (It does
-    not yet retrieve the right code, nor always four digits: see docs/benchmarks.md.)"""
+    shipped cf-5 compressor, not an untrained one) and answers a recall question on books it never
+    saw with the right code. After CCM it reads the question (kept uncompressed: the compressor's
+    keep_last) and names the asked record, but its code is not the right one yet (docs/benchmarks.md):
+    this asserts what it does, and is to become `is_answered_by` when the compressor keeps codes."""
     from kvjax.cli.chat import main
 
-    _, message = recall_question(900)
+    task, message = recall_question(900)
     assert main(["--question", message, "--max-new-tokens", "16", *flags]) == 0
     out, err = capsys.readouterr()
     assert "shipped default model" in err and "UNTRAINED" not in err and "RANDOM" not in err
-    assert re.search(r"\d{3}", out), out
+    if flags:
+        assert re.match(rf"The code of {task.name} is \d{{4}}\.", out.strip()), (task.reply, out)
+    else:
+        assert task.is_answered_by(out) and out.strip() == task.reply, (task.reply, out)
 
 
 def test_shipped_compressor_is_distilled():
     """On recall conversations from books it never saw (the kind of data it was distilled on), the
     shipped cf-5 compressor keeps the model closer to its full cache than an untrained one of the
-    same shape (KL over 8 greedy tokens: 1.25 vs 1.72 when measured). On plain prose it does not
-    beat the untrained one yet (docs/benchmarks.md)."""
+    same config (KL over 8 greedy tokens: 0.32 vs 0.75 when measured; top-1 agreement 0.875 for
+    both, since neither brings back the code's digits: docs/benchmarks.md)."""
     from kvjax import evaluation
-    from kvjax.compression.ccm import CompressorConfig, build_compressor
+    from kvjax.compression.ccm import build_compressor
     from kvjax.compression.checkpoint import load_compressor
     from kvjax.defaults import default_compressor_dir
     from kvjax.prompts import encode_chat
@@ -79,7 +84,7 @@ def test_shipped_compressor_is_distilled():
     prompts = [encode_chat(tokenizer, [{"role": "user", "content": recall_question(900 + i, 300)[1]}])
                for i in range(4)]
     trained = load_compressor(default_compressor_dir(5), cfg, dtype="float32")
-    untrained = build_compressor(CompressorConfig.for_model(cfg, compression_factor=5))
+    untrained = build_compressor(trained.cfg)  # the same shape and keep_last, random weights
     scores, reference = {}, None
     for name, comp in (("trained", trained), ("untrained", untrained)):
         method = evaluation.Method(name, "ccm", 0.8, comp)
@@ -91,7 +96,8 @@ def test_fidelity_suite_quick(tmp_path, capsys):
     """`--suite fidelity --quick` on the shipped model: the schema, the full cache as its own
     reference, CCM rows at about 1/cf of the bytes, presses matched to them, int8 at about a quarter."""
     from kvjax import evaluate
-    from kvjax.defaults import shipped_factors
+    from kvjax.defaults import default_compressor_dir, shipped_factors
+    from kvjax.suites.fidelity import QUICK
 
     assert evaluate.main(["--suite", "fidelity", "--quick", "--out-dir", str(tmp_path), "--quiet"]) == 0, \
         capsys.readouterr().err
@@ -102,11 +108,13 @@ def test_fidelity_suite_quick(tmp_path, capsys):
         assert all(isinstance(row[k], float) for k in ("kv_bytes_ratio", "ppl", "retrieval_acc", "agreement"))
     full = report["rows"][0]
     assert full["method"] == "full" and full["kv_bytes_ratio"] == 1.0 and full["agreement"] == 1.0
-    assert 0.0 <= full["retrieval_acc"] <= 1.0
+    assert full["retrieval_acc"] == 1.0  # the shipped model retrieves (2 recall tasks of ~256 tokens)
     assert shipped_factors() and all(f"ccm:{cf}" in rows for cf in shipped_factors())
     for cf in shipped_factors():
         ratio = rows[f"ccm:{cf}"]["kv_bytes_ratio"]
-        assert 1 / cf <= ratio < 1 / cf + 0.05, (cf, ratio)  # the remainder of each span stays uncompressed
+        kept = json.loads((default_compressor_dir(cf) / "compressor.json").read_text())["config"]["keep_last"]
+        # each span's remainder (< cf) and the last keep_last tokens stay uncompressed
+        assert 1 / cf <= ratio < 1 / cf + (cf + kept) / QUICK.context_len, (cf, ratio)
         matched = rows[f"knorm:{1 - ratio:.3f}"]["kv_bytes_ratio"]
         assert abs(matched - ratio) < 0.01, (cf, ratio, matched)
     assert rows["knorm:0.500"]["kv_bytes_ratio"] == pytest.approx(0.5, abs=0.01)
