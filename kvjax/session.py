@@ -139,10 +139,10 @@ class ChatSession:
         if ccm is not None and stats.kv_len == num:
             cf, groups, kept = ccm.cfg.compression_factor, ccm.cfg.min_seq_len, ccm.cfg.keep_last
             tail = f"; the text's last {kept} are kept as they are" if kept else ""
+            flags = ["--kv-compress-factor", "--kv-compress-min-seq-len", *(["--kv-compress-keep-last"] * bool(kept))]
             stats.notes.append(f"the compressor merged nothing: each span (image {image_len}, text {num - image_len} "
                                f"tokens{tail}) is shorter than min_seq_len = {groups} groups of {cf} tokens; lower "
-                               "--kv-compress-factor, --kv-compress-min-seq-len" + (" or --kv-compress-keep-last"
-                                                                                    if kept else ""))
+                               f"{', '.join(flags[:-1])} or {flags[-1]}")
         if self.protect in ("image", "both") and image_len + question_len > stats.kv_len:
             stats.notes.append(f"the image ({image_len} tokens) exceeds the {stats.kv_len - question_len} context "
                                "tokens kept; part of it was dropped: lower --compression-ratio")

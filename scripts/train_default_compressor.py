@@ -117,8 +117,8 @@ def main(argv=None) -> int:
     out = work / f"ccm-cf{args.compression_factor}"
     flags = ["--model-dir", model_dir, "--data", str(data), "--out", str(out), "--compression-factor",
              str(args.compression_factor), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr), "--seed", str(args.seed), "--keep-last", str(args.keep_last), "--max-context-len", "1024", "--max-answer-len", "16",
-             "--save-every", "25", "--val-ratio", "0.1", *extra]
+             "--lr", str(args.lr), "--seed", str(args.seed), "--keep-last", str(args.keep_last),
+             "--max-context-len", "1024", "--max-answer-len", "16", "--save-every", "25", "--val-ratio", "0.1", *extra]
     if out.is_dir() and any(out.iterdir()):  # continue a run; one killed before its first checkpoint restarts
         flags.append("--resume" if checkpoints.latest_step(out) is not None else "--overwrite")
     if args.stop_after:

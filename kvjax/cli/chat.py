@@ -88,8 +88,8 @@ def method_from_flags(args, cfg, dtype, model_dir=None):
         import jax.numpy as jnp
 
         steps.append(ccm_from_flags(cfg, args.kv_compress_ckpt, args.kv_compress_factor,
-                                    args.kv_compress_min_seq_len, jnp.dtype(dtype).name, model_dir,
-                                    args.kv_compress_keep_last))
+                                    args.kv_compress_min_seq_len, jnp.dtype(dtype).name, model_dir=model_dir,
+                                    keep_last=args.kv_compress_keep_last))
     if args.kv_quantize == "int8":  # last: presses and CCM read a dense cache
         steps.append(Int8KV())
     return tuple(steps) or None
